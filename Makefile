@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both run the idempotent `make setup`.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+# The whole pinned stack in ONE pip command, torch pinned in it: an unpinned torch pulls ~5 GB of CUDA.
+PINS := torch==2.13.0 triton==3.7.1 "ray[default,train,data]==2.60.0" deepspeed==0.19.8 \
+        pyarrow==26.0.1 zarr==3.1.6 click pyyaml safetensors tqdm matplotlib pytest
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q $(PINS) -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PY) -c "import torch, triton, click, yaml, safetensors, memray.kernels, memray.model"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/memray train demo --run-dir $(DEMO_DIR)
+	$(VENV)/bin/memray eval $(DEMO_DIR) --facts $(DEMO_DIR)/data/facts.jsonl
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

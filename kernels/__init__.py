@@ -1,0 +1,13 @@
+"""Kernels for product-key memory layers: the weighted value lookup ("embedding bag").
+
+Each token (a bag) reads a few rows of a large value table and sums them with its key-match
+weights, ``out[b] = sum_e w[e] * table[idx[e]]``. The table gradient touches only the rows that
+were read, so it is returned as a coalesced sparse tensor instead of a dense ``[N, D]`` one.
+
+This package imports only torch (and triton, lazily, when the Triton backend runs), so it can
+be used and tested without the rest of ``memray``.
+"""
+from .embedding_bag import bag_backward, bag_forward, embedding_bag
+from .reference import embedding_bag_reference
+
+__all__ = ["embedding_bag", "embedding_bag_reference", "bag_forward", "bag_backward"]

@@ -1,0 +1,117 @@
+"""Checkpoints of a single-process run: weights in safetensors (no pickle), config in YAML.
+
+Layout of ``RUN/checkpoints/step-XXXXXXXX/``: ``model.safetensors``, ``config.yaml``, and
+``COMMITTED`` (JSON: step, time, sha256 of every file), written last. A checkpoint is written
+into a temporary sibling, fsynced and renamed, so a crash never leaves a half-written directory
+that readers take for a checkpoint; readers ignore directories without ``COMMITTED``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from memray.errors import InputError
+
+COMMITTED = "COMMITTED"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def save_checkpoint(root: Path, step: int, state_dict: dict[str, torch.Tensor], config_yaml: str, keep_last: int = 0) -> Path:
+    """Write ``root/step-XXXXXXXX`` atomically; keep the newest ``keep_last`` (0: all)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp / WEIGHTS))
+    (tmp / CONFIG).write_text(config_yaml)
+    files = {name: _sha256(tmp / name) for name in (WEIGHTS, CONFIG)}
+    for name in files:
+        _fsync(tmp / name)
+    manifest = {"step": step, "time": time.time(), "files": files}
+    (tmp / COMMITTED).write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp / COMMITTED)
+    if final.exists():  # re-saving a step replaces it only once the new copy is complete
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    if keep_last > 0:
+        for old in committed_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def committed_checkpoints(root: Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / COMMITTED).is_file())
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest committed one under a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"checkpoint not found: {path}")
+    if (path / COMMITTED).is_file():
+        return path
+    if (path / WEIGHTS).exists():
+        raise InputError(f"checkpoint {path} is not committed (no {COMMITTED} file): it was never completed")
+    for root in (path / "checkpoints", path):
+        found = committed_checkpoints(root)
+        if found:
+            return found[-1]
+    raise InputError(f"no committed checkpoint in {path}")
+
+
+def load_checkpoint(path: str | Path) -> tuple[Path, dict, str, dict[str, torch.Tensor]]:
+    """(checkpoint dir, manifest, config YAML text, tensors); checksums verified first."""
+    ckpt = find_checkpoint(path)
+    try:
+        manifest = json.loads((ckpt / COMMITTED).read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"checkpoint {ckpt}: {COMMITTED} is not a valid manifest") from None
+    for name in (WEIGHTS, CONFIG):
+        if name not in files:
+            raise InputError(f"checkpoint {ckpt}: manifest lists no {name}")
+        if not (ckpt / name).is_file():
+            raise InputError(f"checkpoint {ckpt}: {name} is missing")
+        if _sha256(ckpt / name) != files[name]:
+            raise InputError(f"checkpoint {ckpt}: {name} is damaged (checksum mismatch)")
+    try:
+        tensors = load_file(str(ckpt / WEIGHTS))
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        raise InputError(f"checkpoint {ckpt}: cannot read {WEIGHTS}: {exc}") from None
+    return ckpt, manifest, (ckpt / CONFIG).read_text(), tensors

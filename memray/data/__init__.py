@@ -1,0 +1,58 @@
+"""Data: tokenizer, facts files, the synthetic knowledge base, packed training batches."""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from memray.errors import ConfigError, InputError
+
+from .facts import Fact, read_facts, write_facts
+from .packing import IGNORE_INDEX, PackedBatches
+from .synthetic import ATTRIBUTES, generate_facts
+from .tokenizer import ByteTokenizer
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: Literal["synthetic", "facts", "text"] = "synthetic"
+    path: str | None = None  # facts JSONL (source: facts) or a UTF-8 text file (source: text)
+    num_entities: int = 400  # synthetic: facts = num_entities * num_attributes
+    num_attributes: int = 5
+    seed: int = 0
+    seq_len: int = 128
+
+    def __post_init__(self):
+        if self.source != "synthetic" and not self.path:
+            raise ConfigError("path", f"source '{self.source}' needs a path")
+        if self.num_entities < 1:
+            raise ConfigError("num_entities", f"must be >= 1, got {self.num_entities}")
+        if not 1 <= self.num_attributes <= len(ATTRIBUTES):
+            raise ConfigError("num_attributes", f"must be in [1, {len(ATTRIBUTES)}], got {self.num_attributes}")
+        if self.seq_len < 2:
+            raise ConfigError("seq_len", f"must be >= 2, got {self.seq_len}")
+
+
+def load_documents(config: DataConfig, tokenizer: ByteTokenizer) -> tuple[list[list[int]], list[Fact] | None]:
+    """Token documents for training, and the facts they state (None for plain text)."""
+    if config.source == "text":
+        path = Path(config.path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"text file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read text file {path}: {exc}") from None
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+        if not paragraphs:
+            raise InputError(f"text file {path} is empty")
+        return [tokenizer.encode(p, bos=True, eos=True) for p in paragraphs], None
+    if config.source == "facts":
+        facts = read_facts(config.path)
+    else:
+        facts = generate_facts(config.num_entities, config.num_attributes, config.seed)
+    return [tokenizer.encode(f.text, bos=True, eos=True) for f in facts], facts
+
+
+__all__ = [
+    "ATTRIBUTES", "ByteTokenizer", "DataConfig", "Fact", "IGNORE_INDEX", "PackedBatches",
+    "generate_facts", "load_documents", "read_facts", "write_facts",
+]

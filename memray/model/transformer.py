@@ -1,0 +1,179 @@
+"""Decoder-only transformer whose FFN is, per block, a SwiGLU, a product-key memory or an MoE.
+
+Value pools are owned by the model (``self.pools``), not by the memory layers, so several layers
+can share one pool and a pool is saved once. ``forward(tokens, pools=...)`` lets a caller supply
+the pools from outside (e.g. sharded tables kept out of a DeepSpeed engine).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memray.errors import ConfigError
+
+from .layers import Attention, RMSNorm, Rotary, SwiGLU
+from .memory import MemoryConfig, ProductKeyMemory, ValueTable
+from .moe import MoE, MoEConfig
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vocab_size: int = 259
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden: int | None = None  # None: 8/3 * dim rounded up to a multiple of 32
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    ffn: Literal["swiglu", "moe"] = "swiglu"  # the FFN of blocks without a memory layer
+    memory_layers: list[int] = field(default_factory=list)  # block indices whose FFN is a memory
+    # pool name -> memory layers reading it; memory layers not listed get a pool of their own
+    memory_pools: dict[str, list[int]] = field(default_factory=dict)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ConfigError("n_heads", f"{self.n_heads} does not divide dim={self.dim}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError("n_heads", f"head dim {self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            raise ConfigError("ffn_hidden", f"must be >= 1, got {self.ffn_hidden}")
+        for i in self.memory_layers:
+            if not 0 <= i < self.n_layers:
+                raise ConfigError("memory_layers", f"block index {i} is out of range for n_layers={self.n_layers}")
+        if len(set(self.memory_layers)) != len(self.memory_layers):
+            raise ConfigError("memory_layers", f"repeated block index in {self.memory_layers}")
+        seen: dict[int, str] = {}
+        for pool, layers in self.memory_pools.items():
+            if not layers:
+                raise ConfigError(f"memory_pools.{pool}", "lists no layers")
+            for i in layers:
+                if i not in self.memory_layers:
+                    raise ConfigError(f"memory_pools.{pool}", f"block {i} is not in memory_layers {self.memory_layers}")
+                if i in seen:
+                    raise ConfigError(f"memory_pools.{pool}", f"block {i} already reads pool '{seen[i]}'")
+                seen[i] = pool
+
+    @property
+    def hidden(self) -> int:
+        return self.ffn_hidden or 32 * math.ceil(8 * self.dim / 3 / 32)
+
+    def pool_of(self) -> dict[int, str]:
+        """Memory block index -> name of the pool it reads."""
+        owner = {i: name for name, layers in self.memory_pools.items() for i in layers}
+        return {i: owner.get(i, f"layer{i}") for i in self.memory_layers}
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, index: int, pool: ValueTable | None, device=None):
+        super().__init__()
+        c = config
+        self.attn_norm = RMSNorm(c.dim, c.norm_eps, device=device)
+        self.attn = Attention(c.dim, c.n_heads, c.max_seq_len, c.rope_theta, c.dropout, device=device)
+        self.ffn_norm = RMSNorm(c.dim, c.norm_eps, device=device)
+        self.pool_name = None
+        if pool is not None:
+            self.ffn = ProductKeyMemory(c.dim, c.memory, values=pool, device=device)
+            self.pool_name = config.pool_of()[index]
+        elif c.ffn == "moe":
+            self.ffn = MoE(c.dim, c.moe.hidden or c.hidden, c.moe, device=device)
+        else:
+            self.ffn = SwiGLU(c.dim, c.hidden, device=device)
+
+    def forward(self, x: torch.Tensor, pools: Mapping[str, ValueTable] | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        h = self.ffn_norm(x)
+        if self.pool_name is not None:
+            return x + self.ffn(h, values=pools[self.pool_name] if pools is not None else None)
+        return x + self.ffn(h)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        c = config
+        self.config = c
+        v_dim = c.memory.v_dim or c.dim
+        self.pools = nn.ModuleDict(
+            {
+                name: ValueTable(
+                    c.memory.num_slots, v_dim, init_std=c.memory.value_init_std, backend=c.memory.backend,
+                    lr=c.memory.value_lr, weight_decay=c.memory.value_weight_decay, device=device,
+                )
+                for name in dict.fromkeys(c.pool_of().values())
+            }
+        )
+        pool_of = c.pool_of()
+        self.embed = nn.Embedding(c.vocab_size, c.dim, device=device)
+        self.blocks = nn.ModuleList(
+            Block(c, i, self.pools[pool_of[i]] if i in pool_of else None, device=device) for i in range(c.n_layers)
+        )
+        self.norm = RMSNorm(c.dim, c.norm_eps, device=device)
+        self.head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False, device=device)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter and derived buffer, e.g. after ``to_empty`` from meta."""
+        c = self.config
+        if self.embed.weight.is_meta:
+            return
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, c.init_std)
+                if module.bias is not None:
+                    module.bias.zero_()
+        self.embed.weight.normal_(0.0, c.init_std)
+        # residual output projections: scaled down with depth (GPT-2)
+        for block in self.blocks:
+            block.attn.proj.weight.normal_(0.0, c.init_std / math.sqrt(2 * c.n_layers))
+            if isinstance(block.ffn, SwiGLU):
+                block.ffn.down.weight.normal_(0.0, c.init_std / math.sqrt(2 * c.n_layers))
+        # components with their own schemes (memory layers: the paper's) run last and win
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Rotary, ProductKeyMemory, MoE, ValueTable)):
+                module.reset_parameters()
+
+    def memory_layers(self) -> list[ProductKeyMemory]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, ProductKeyMemory)]
+
+    def dense_parameters(self):
+        """Every trainable parameter except the value pools."""
+        pool_params = {id(p) for p in self.pools.parameters()}
+        return [p for p in self.parameters() if id(p) not in pool_params]
+
+    def aux_loss(self) -> torch.Tensor:
+        losses = [b.ffn.aux_loss * b.ffn.config.aux_loss_coef for b in self.blocks if isinstance(b.ffn, MoE)]
+        return sum(losses) if losses else torch.zeros((), device=self.embed.weight.device)
+
+    def forward(self, tokens: torch.Tensor, pools: Mapping[str, ValueTable] | None = None) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab] (fp32)."""
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, pools)
+        x = self.norm(x)
+        logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
+        return logits.float()
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, pools=None) -> torch.Tensor:
+        logits = self(tokens, pools)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+
+def count_parameters(model: Transformer) -> dict[str, int]:
+    memory = sum(p.numel() for p in model.pools.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return {"total": total, "memory": memory, "dense": total - memory}

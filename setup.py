@@ -1,0 +1,34 @@
+"""memray-layers: product-key memory layers at scale, trained on Ray.
+
+The import package is ``memray``; ``kernels/`` (Triton kernels and their pure-torch references,
+importing only torch and triton) is installed as ``memray.kernels``.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="memray-layers",
+    version="0.1.0",
+    description="Product-key memory layers (Memory Layers at Scale) trained on Ray with DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["memray", "memray.*"]) + ["memray.kernels"],
+    package_dir={"memray.kernels": "kernels"},
+    package_data={"memray": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.13,<2.15",
+        "triton>=3.7",
+        "click>=8.1",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "numpy",
+    ],
+    extras_require={
+        "cluster": ["ray[default,train,data]==2.60.0", "deepspeed==0.19.8"],
+        "storage": ["pyarrow==26.0.1", "zarr==3.1.6"],
+        "plots": ["matplotlib"],
+        "test": ["pytest"],
+    },
+    entry_points={"console_scripts": ["memray=memray.cli:main"]},
+)

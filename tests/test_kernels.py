@@ -1,0 +1,403 @@
+"""Embedding bag (memory-layer value lookup): torch and Triton backends against the reference.
+
+Triton runs under the interpreter on CPU (``TRITON_INTERPRET=1`` from conftest), which executes
+every program in Python, so Triton cases use small bags and tables.
+"""
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import memray.kernels as K
+from memray.kernels import _alloc, bag_backward, bag_forward, embedding_bag, embedding_bag_reference
+from tolerances import TOL, assert_close
+
+EB_MODULE = sys.modules["memray.kernels.embedding_bag"]
+KERNELS_DIR = pathlib.Path(K.__file__).resolve().parent
+
+BACKEND_DTYPES = [
+    pytest.param(backend, dtype, id=f"{backend}-{str(dtype).removeprefix('torch.')}")
+    for backend, dtype in [
+        ("torch", torch.float32),
+        ("torch", torch.bfloat16),
+        ("torch", torch.float64),
+        ("triton", torch.float32),
+        ("triton", torch.bfloat16),
+    ]
+]
+BOTH = ["torch", "triton"]
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _fixed(num_rows, dim, bags, bag_len, *, idx=None):
+    """[B, L] indices; ``idx`` (a nested list) overrides the random draw."""
+    indices = torch.tensor(idx) if idx is not None else torch.randint(0, num_rows, (bags, bag_len))
+    return dict(indices=indices, weights=torch.randn(indices.shape), table=torch.randn(num_rows, dim), offsets=None)
+
+
+def _csr(num_rows, dim, lengths, *, idx=None):
+    nnz = sum(lengths)
+    indices = torch.tensor(idx) if idx is not None else torch.randint(0, num_rows, (nnz,))
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    return dict(indices=indices, weights=torch.randn(nnz), table=torch.randn(num_rows, dim), offsets=offsets)
+
+
+CASES = {
+    "fixed_d33": lambda: _fixed(10, 33, 4, 3),
+    "d1": lambda: _fixed(5, 1, 3, 2),
+    "d100": lambda: _fixed(7, 100, 2, 5),
+    # more than one 128-wide D block per row
+    "d130_two_blocks": lambda: _fixed(6, 130, 2, 3),
+    # duplicates inside a bag and across bags
+    "duplicates": lambda: _fixed(4, 9, 2, 3, idx=[[1, 1, 2], [2, 1, 1]]),
+    # empty bags first, in the middle and last
+    "csr_empty_bags": lambda: _csr(6, 8, [0, 3, 0, 4, 0]),
+    # bags and per-row segments longer than one 16-entry loop step
+    "long_segments": lambda: _csr(3, 5, [40, 1, 0, 7]),
+    "single_row_table": lambda: _fixed(1, 5, 3, 4),
+    "random_csr": lambda: _csr(50, 48, torch.randint(0, 20, (12,)).tolist()),
+}
+
+
+def _prepare(case, table_dtype, weight_dtype=None):
+    """Cast the case to the tested dtypes; float64 copies of the *rounded* values feed the reference.
+
+    Weights default to float32, or float64 with a float64 table (so every output is float64).
+    """
+    if weight_dtype is None:
+        weight_dtype = torch.float64 if table_dtype == torch.float64 else torch.float32
+    table = case["table"].to(table_dtype)
+    weights = case["weights"].to(weight_dtype)
+    return case["indices"], weights, table, case["offsets"]
+
+
+def _run(backend, indices, weights, table, offsets, *, sparse_grad=True, grad_out=None):
+    """Forward + backward; returns (out, grad_weights, grad_table, grad_out)."""
+    weights = weights.clone().requires_grad_()
+    table = table.clone().requires_grad_()
+    out = embedding_bag(indices, weights, table, offsets, sparse_grad=sparse_grad, backend=backend)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape).to(out.dtype)
+    grad_weights, grad_table = torch.autograd.grad(out, (weights, table), grad_out)
+    return out, grad_weights, grad_table, grad_out
+
+
+def _reference(indices, weights, table, offsets, grad_out):
+    weights = weights.double().requires_grad_()
+    table = table.double().requires_grad_()
+    out = embedding_bag_reference(indices, weights, table, offsets)
+    grad_weights, grad_table = torch.autograd.grad(out, (weights, table), grad_out.double())
+    return out, grad_weights, grad_table
+
+
+def _check_sparse_grad(grad_table, indices, table):
+    """Coalesced COO over exactly the touched rows, sorted, one values row per touched row."""
+    touched = torch.unique(indices.reshape(-1))
+    assert grad_table.layout == torch.sparse_coo
+    assert grad_table.shape == table.shape
+    assert grad_table.dtype == table.dtype
+    assert grad_table.is_coalesced()
+    assert torch.equal(grad_table._indices(), touched[None])
+    assert grad_table._values().shape == (touched.numel(), table.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# numerical agreement with the reference
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_matches_reference(backend, dtype, case_name):
+    indices, weights, table, offsets = _prepare(CASES[case_name](), dtype)
+    out, grad_weights, grad_table, grad_out = _run(backend, indices, weights, table, offsets)
+    ref_out, ref_gw, ref_gt = _reference(indices, weights, table, offsets, grad_out)
+
+    assert out.dtype == torch.result_type(table, weights)
+    assert grad_weights.dtype == weights.dtype and grad_weights.shape == weights.shape
+    assert_close(out, ref_out, dtype=dtype)
+    assert_close(grad_weights, ref_gw, dtype=dtype)
+    _check_sparse_grad(grad_table, indices, table)
+    assert_close(grad_table.to_dense(), ref_gt, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize(
+    "table_dtype,weight_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64), (torch.bfloat16, torch.float64)],
+    ids=["bf16-bf16", "fp32-fp64", "bf16-fp64"],
+)
+def test_mixed_dtypes(backend, table_dtype, weight_dtype):
+    """Output dtype follows result_type; accumulation is fp64 whenever an input is fp64."""
+    indices, weights, table, offsets = _prepare(CASES["csr_empty_bags"](), table_dtype, weight_dtype)
+    out, grad_weights, grad_table, grad_out = _run(backend, indices, weights, table, offsets)
+    ref_out, ref_gw, ref_gt = _reference(indices, weights, table, offsets, grad_out)
+    # The coarsest dtype in play sets the tolerance (bf16 output, weights or table gradients).
+    tol_dtype = torch.bfloat16 if torch.bfloat16 in (table_dtype, weight_dtype) else torch.float32
+    assert out.dtype == torch.result_type(table, weights)
+    assert grad_weights.dtype == weight_dtype
+    assert grad_table.dtype == table_dtype
+    assert_close(out, ref_out, dtype=tol_dtype)
+    assert_close(grad_weights, ref_gw, dtype=tol_dtype)
+    assert_close(grad_table.to_dense(), ref_gt, dtype=tol_dtype)
+
+
+def test_triton_float64():
+    """The Triton kernels also accumulate in fp64 for fp64 inputs (fp64 tolerance)."""
+    indices, weights, table, offsets = _prepare(CASES["long_segments"](), torch.float64, torch.float64)
+    out, grad_weights, grad_table, grad_out = _run("triton", indices, weights, table, offsets)
+    ref_out, ref_gw, ref_gt = _reference(indices, weights, table, offsets, grad_out)
+    assert_close(out, ref_out)
+    assert_close(grad_weights, ref_gw)
+    assert_close(grad_table.to_dense(), ref_gt)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_gradcheck_dense(backend):
+    """Finite differences on the autograd Function itself (fp64, dense table gradient)."""
+    indices, weights, table, offsets = _prepare(_csr(4, 3, [2, 0, 3]), torch.float64)
+    weights.requires_grad_()
+    table.requires_grad_()
+    torch.autograd.gradcheck(
+        lambda w, t: embedding_bag(indices, w, t, offsets, sparse_grad=False, backend=backend), (weights, table)
+    )
+
+
+def test_torch_backend_larger_and_chunked(monkeypatch):
+    """Bigger random problem; a tiny chunk size forces the torch backend's chunk loops."""
+    monkeypatch.setattr(EB_MODULE, "_CHUNK_ELEMS", 1000)
+    case = _fixed(300, 64, 48, 24)
+    for dtype in (torch.float32, torch.bfloat16):
+        indices, weights, table, offsets = _prepare(case, dtype)
+        out, grad_weights, grad_table, grad_out = _run("torch", indices, weights, table, offsets)
+        ref_out, ref_gw, ref_gt = _reference(indices, weights, table, offsets, grad_out)
+        assert_close(out, ref_out, dtype=dtype)
+        assert_close(grad_weights, ref_gw, dtype=dtype)
+        _check_sparse_grad(grad_table, indices, table)
+        assert_close(grad_table.to_dense(), ref_gt, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_broadcast_grad_out(backend):
+    """``out.sum().backward()`` hands the backward an expanded (stride-0) grad_out."""
+    indices, weights, table, offsets = _prepare(CASES["fixed_d33"](), torch.float32)
+    grad_out = torch.ones(1, 1).expand(4, 33)
+    _, grad_weights, grad_table, _ = _run(backend, indices, weights, table, offsets, grad_out=grad_out)
+    _, ref_gw, ref_gt = _reference(indices, weights, table, offsets, grad_out.contiguous())
+    assert_close(grad_weights, ref_gw, dtype=torch.float32)
+    assert_close(grad_table.to_dense(), ref_gt, dtype=torch.float32)
+
+
+def test_backends_agree_on_raw_api():
+    """bag_forward/bag_backward (CSR, no autograd) give the same answers on both backends."""
+    indices, weights, table, offsets = _prepare(CASES["csr_empty_bags"](), torch.float32)
+    grad_out = torch.randn(offsets.numel() - 1, table.shape[1])
+    results = {}
+    for backend in BOTH:
+        out = bag_forward(indices, weights, table, offsets, backend)
+        grad_weights, unique_rows, row_grads = bag_backward(grad_out, indices, weights, table, offsets, backend)
+        results[backend] = (out, grad_weights, unique_rows, row_grads)
+    (o_a, gw_a, u_a, r_a), (o_b, gw_b, u_b, r_b) = results["torch"], results["triton"]
+    assert torch.equal(u_a, u_b) and torch.equal(u_a, torch.unique(indices))
+    assert gw_a.shape == indices.shape and r_a.shape == (u_a.numel(), table.shape[1])
+    assert_close(o_b, o_a, dtype=torch.float32)
+    assert_close(gw_b, gw_a, dtype=torch.float32)
+    assert_close(r_b, r_a, dtype=torch.float32)
+
+    grad_weights, unique_rows, row_grads = bag_backward(
+        grad_out, indices, weights, table, offsets, "torch", need_weights_grad=False
+    )
+    assert grad_weights is None and row_grads is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# awkward shapes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: _fixed(5, 6, 0, 3), id="B0_fixed"),
+        pytest.param(lambda: _csr(5, 6, []), id="B0_csr"),
+        pytest.param(lambda: _fixed(5, 6, 3, 0), id="L0"),
+        pytest.param(lambda: _csr(5, 6, [0, 0]), id="all_bags_empty"),
+    ],
+)
+def test_no_entries(backend, make):
+    indices, weights, table, offsets = _prepare(make(), torch.float32)
+    out, grad_weights, grad_table, _ = _run(backend, indices, weights, table, offsets)
+    num_bags = indices.shape[0] if offsets is None else offsets.numel() - 1
+    assert out.shape == (num_bags, 6)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert grad_weights.shape == weights.shape
+    _check_sparse_grad(grad_table, indices, table)
+    assert grad_table._nnz() == 0
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_untouched_rows_absent(backend):
+    """Only the rows read appear in the sparse gradient; the rest of the table gets nothing."""
+    idx = [[7, 3, 7], [40, 3, 12]]
+    indices, weights, table, offsets = _prepare(_fixed(50, 4, 2, 3, idx=idx), torch.float32)
+    _, _, grad_table, grad_out = _run(backend, indices, weights, table, offsets)
+    _check_sparse_grad(grad_table, indices, table)
+    assert grad_table._indices().tolist() == [[3, 7, 12, 40]]
+    _, _, ref_gt = _reference(indices, weights, table, offsets, grad_out)
+    assert_close(grad_table.to_dense(), ref_gt, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_large_table_rows_near_end(backend):
+    """int64 row numbers close to N = 70000; the sparse grad stays at the touched rows only."""
+    num_rows = 70_000
+    idx = [[num_rows - 1, 0, num_rows - 2], [65_537, num_rows - 1, 32_768]]
+    indices, weights, table, offsets = _prepare(_fixed(num_rows, 3, 2, 3, idx=idx), torch.float32)
+    out, grad_weights, grad_table, grad_out = _run(backend, indices, weights, table, offsets)
+    ref_out, ref_gw, ref_gt = _reference(indices, weights, table, offsets, grad_out)
+    assert_close(out, ref_out, dtype=torch.float32)
+    assert_close(grad_weights, ref_gw, dtype=torch.float32)
+    _check_sparse_grad(grad_table, indices, table)
+    assert grad_table._nnz() == 5
+    assert_close(grad_table.to_dense(), ref_gt, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_sparse_and_dense_grads_equal(backend):
+    indices, weights, table, offsets = _prepare(CASES["csr_empty_bags"](), torch.bfloat16)
+    _, gw_sparse, gt_sparse, grad_out = _run(backend, indices, weights, table, offsets, sparse_grad=True)
+    _, gw_dense, gt_dense, _ = _run(backend, indices, weights, table, offsets, sparse_grad=False, grad_out=grad_out)
+    assert gt_dense.layout == torch.strided and gt_dense.dtype == table.dtype
+    assert torch.equal(gt_sparse.to_dense(), gt_dense)
+    assert torch.equal(gw_sparse, gw_dense)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_one_input_requires_grad(backend):
+    indices, weights, table, offsets = _prepare(CASES["duplicates"](), torch.float32)
+    grad_out = torch.randn(2, 9)
+    _, ref_gw, ref_gt = _reference(indices, weights, table, offsets, grad_out)
+
+    w = weights.clone().requires_grad_()
+    out = embedding_bag(indices, w, table, offsets, backend=backend)
+    (gw,) = torch.autograd.grad(out, w, grad_out)
+    assert_close(gw, ref_gw, dtype=torch.float32)
+
+    t = table.clone().requires_grad_()
+    out = embedding_bag(indices, weights, t, offsets, backend=backend)
+    out.backward(grad_out)
+    # A leaf's .grad goes through AccumulateGrad, which keeps the values but not the coalesced flag.
+    assert t.grad.layout == torch.sparse_coo
+    assert_close(t.grad.to_dense(), ref_gt, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN poisoning: every output element must be written
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,dtype", [p for p in BACKEND_DTYPES if p.values[1] != torch.float64])
+def test_nan_poisoning(backend, dtype, monkeypatch):
+    calls = []
+
+    def nan_empty(*shape, dtype, device):
+        calls.append((shape, dtype))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(_alloc, "empty", nan_empty)
+    case = _csr(7, 130, [0, 3, 17, 0, 2])  # empty bags, a >16-entry bag, two D blocks
+    # bf16 weights make the torch backend's bf16 conversions go through the allocator as well
+    indices, weights, table, offsets = _prepare(case, dtype, weight_dtype=dtype)
+    out, grad_weights, grad_table, grad_out = _run(backend, indices, weights, table, offsets)
+    assert calls, "the allocation helper was bypassed"
+    for name, t in [("out", out), ("grad_weights", grad_weights), ("row_grads", grad_table._values())]:
+        assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+    ref_out, ref_gw, ref_gt = _reference(indices, weights, table, offsets, grad_out)
+    assert_close(out, ref_out, dtype=dtype)
+    assert_close(grad_weights, ref_gw, dtype=dtype)
+    assert_close(grad_table.to_dense(), ref_gt, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# API contract
+# ------------------------------------------------------------------------------------------------
+
+
+def test_reference_is_plain_autograd_float64():
+    indices, weights, table, offsets = _prepare(CASES["csr_empty_bags"](), torch.float64, torch.float64)
+    weights.requires_grad_()
+    table.requires_grad_()
+    torch.autograd.gradcheck(lambda w, t: embedding_bag_reference(indices, w, t, offsets), (weights, table))
+
+
+def test_auto_backend_on_cpu_is_torch():
+    assert EB_MODULE._resolve_backend("auto", torch.zeros(2, 2)) == "torch"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(indices=torch.zeros(2, 3, dtype=torch.int32)), "int64"),
+        (dict(weights=torch.zeros(2, 4)), "shape"),
+        (dict(weights=torch.zeros(2, 3, dtype=torch.int64)), "weights dtype"),
+        (dict(table=torch.zeros(5)), "2-D"),
+        (dict(table=torch.zeros(5, 4, dtype=torch.float16)), "table dtype"),
+        (dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6)), "\\[B, L\\]"),
+        (dict(offsets=torch.tensor([0, 3, 6])), "flat"),
+        (dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([0, 3, 5])), "end at nnz"),
+        (dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([1, 3, 6])), "start at 0"),
+        (dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([0, 4, 3, 6])), "non-decreasing"),
+        (dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([0.0, 6.0])), "int64"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+def test_validation_errors(kwargs, match):
+    args = dict(
+        indices=torch.zeros(2, 3, dtype=torch.int64), weights=torch.zeros(2, 3), table=torch.zeros(5, 4), offsets=None
+    )
+    backend = kwargs.pop("backend", "torch")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        embedding_bag(args["indices"], args["weights"], args["table"], args["offsets"], backend=backend)
+
+
+def test_bag_backward_checks_grad_out_shape():
+    indices, weights, table = torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3), torch.zeros(5, 4)
+    with pytest.raises(ValueError, match="grad_out"):
+        bag_backward(torch.zeros(3, 4), indices, weights, table, None, "torch")
+
+
+def test_kernels_import_only_torch_triton_and_stdlib():
+    """Static check: kernels/ must stay usable without the rest of memray (or numpy, ...)."""
+    allowed = {"torch", "triton"} | set(sys.stdlib_module_names)
+    for path in KERNELS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            assert set(roots) <= allowed, f"{path.name} imports {roots}"
+
+
+def test_import_without_triton():
+    """Triton is imported lazily: the package and its torch backend work when triton is absent."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from memray.kernels import embedding_bag\n"
+        "assert sys.modules['triton'] is None\n"
+        "out = embedding_bag(torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 3), torch.ones(4, 5))\n"
+        "assert out.shape == (2, 5) and bool((out == 3).all())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,150 @@
+"""The memory layer against brute force and against a float64 reference written here."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memray.model import MemoryConfig, ProductKeyMemory, ValueTable, usage_metrics
+from tolerances import assert_close
+
+
+def make_layer(dim=24, dtype=torch.float32, **overrides):
+    config = MemoryConfig(**{"n_keys": 7, "heads": 2, "knn": 5, "k_dim": 10, **overrides})
+    layer = ProductKeyMemory(dim, config).to(dtype)
+    return layer
+
+
+@pytest.mark.parametrize(
+    "n_keys,knn,heads,qk_norm",
+    [(7, 5, 2, False), (13, 1, 3, False), (10, 9, 1, True), (5, 25, 2, False), (6, 17, 2, True), (3, 2, 4, False)],
+)
+def test_topk_equals_brute_force(n_keys, knn, heads, qk_norm):
+    layer = make_layer(dtype=torch.float64, n_keys=n_keys, knn=knn, heads=heads, qk_norm=qk_norm, query_layernorm=qk_norm)
+    x = torch.randn(3, 11, 24, dtype=torch.float64)
+    indices, scores = layer.topk(x)
+    assert indices.shape == (33, heads, knn) and indices.dtype == torch.int64
+    assert scores.dtype == torch.float64
+    brute_scores, brute_indices = layer.score_all(x).topk(knn, dim=-1)
+    assert torch.equal(indices, brute_indices)
+    torch.testing.assert_close(scores, brute_scores, atol=1e-12, rtol=0)
+
+
+def test_scores_are_fp32_for_low_precision_layers():
+    layer = make_layer(dtype=torch.bfloat16)
+    _, scores = layer.topk(torch.randn(4, 24, dtype=torch.bfloat16))
+    assert scores.dtype == torch.float32
+
+
+def test_topk_sees_slots_beyond_per_half_top_when_knn_exceeds_n_keys():
+    # knn > n_keys: the per-half candidates are all keys, the search must still be exact
+    layer = make_layer(n_keys=4, knn=16, heads=1)
+    x = torch.randn(5, 24)
+    indices, _ = layer.topk(x)
+    assert torch.equal(indices.sort(-1).values, torch.arange(16).expand(5, 1, 16))
+
+
+def reference_forward(x, p, config, n_keys, knn, heads, half):
+    """Plain float64 memory layer: brute-force scores over all slots, no product-key tricks."""
+    tokens = x.reshape(-1, x.shape[-1])
+    q = (tokens @ p["query_proj.weight"].T + p["query_proj.bias"]).view(-1, heads, 2, half)
+    k = p["keys"]  # [heads, 2, n_keys, half]
+    s1 = torch.einsum("thd,hnd->thn", q[:, :, 0], k[:, 0])
+    s2 = torch.einsum("thd,hnd->thn", q[:, :, 1], k[:, 1])
+    all_scores = (s1[..., :, None] + s2[..., None, :]).reshape(len(tokens), heads, n_keys * n_keys)
+    top, slots = all_scores.topk(knn, dim=-1)
+    w = torch.softmax(top, dim=-1)
+    values = p["value_table.weight"]
+    y = torch.zeros(len(tokens), values.shape[1], dtype=x.dtype)
+    for t in range(len(tokens)):
+        for h in range(heads):
+            for i in range(knn):
+                y[t] += w[t, h, i] * values[slots[t, h, i]]
+    gate = F.silu(tokens @ p["swilu_proj.weight"].T + p["swilu_proj.bias"])
+    out = (y * gate) @ p["out_proj.weight"].T + p["out_proj.bias"]
+    return out.view(x.shape)
+
+
+@pytest.mark.parametrize("v_dim", [None, 9])
+def test_layer_output_and_gradients_match_float64_reference(v_dim):
+    torch.manual_seed(1)
+    n_keys, knn, heads, k_dim, dim = 6, 5, 2, 8, 12
+    layer = make_layer(dim=dim, dtype=torch.float64, n_keys=n_keys, knn=knn, heads=heads, k_dim=k_dim, v_dim=v_dim)
+    layer.values.sparse_grad = True
+    x = torch.randn(2, 7, dim, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters()}
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = reference_forward(x_ref, params, layer.config, n_keys, knn, heads, k_dim // 2)
+    ref.backward(grad_out)
+
+    assert_close(out, ref)
+    assert_close(x.grad, x_ref.grad)
+    checked = ["keys", "query_proj.weight", "query_proj.bias", "value_table.weight",
+               "swilu_proj.weight", "swilu_proj.bias", "out_proj.weight", "out_proj.bias"]
+    for name, p in layer.named_parameters():
+        grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
+        assert_close(grad, params[name].grad, msg=f"gradient of {name}")
+    assert layer.values.weight.grad.is_sparse  # the value gradient stays row-sparse
+    assert set(checked) <= {n for n, _ in layer.named_parameters()}
+
+
+def test_every_knob_runs_forward_and_backward():
+    layer = make_layer(qk_norm=True, query_layernorm=True, gate=True, swilu=True, input_dropout=0.1,
+                       query_dropout=0.1, value_dropout=0.1, query_bias=False, v_dim=16)
+    x = torch.randn(4, 24, requires_grad=True)
+    layer(x).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, name
+    assert layer.query_proj.bias is None
+
+
+def test_plain_memory_without_swilu_returns_the_bag():
+    layer = make_layer(swilu=False)
+    x = torch.randn(5, 24)
+    indices, scores = layer.topk(x)
+    weights = torch.softmax(scores, -1).reshape(5, -1)
+    expected = (layer.values.weight[indices.reshape(5, -1)] * weights[..., None]).sum(1)
+    assert_close(layer(x), expected)
+
+
+def test_shared_pool_accumulates_and_separate_pools_stay_apart():
+    config = MemoryConfig(n_keys=5, heads=1, knn=3, k_dim=6, track_usage=True)
+    shared = ValueTable(config.num_slots, 8)
+    other = ValueTable(config.num_slots, 8)
+    a, b = ProductKeyMemory(8, config, values=shared), ProductKeyMemory(8, config, values=shared)
+    c = ProductKeyMemory(8, config, values=other)
+    assert a.values is b.values is shared and "value_table.weight" not in dict(a.named_parameters())
+    x = torch.randn(6, 8)
+    (a(x).sum() + b(x).sum()).backward()
+    grad_shared = shared.weight.grad.to_dense()
+    assert other.weight.grad is None
+    # one table received both layers' gradients: equal to the sum of each layer alone
+    shared.weight.grad = None
+    a(x).sum().backward()
+    ga = shared.weight.grad.to_dense()
+    shared.weight.grad = None
+    b(x).sum().backward()
+    assert_close(grad_shared, ga + shared.weight.grad.to_dense())
+    assert int(shared.usage_count.sum()) == 4 * 6 * 3  # four forwards of 6 tokens x 3 slots
+    c(x).sum().backward()
+    assert other.weight.grad is not None and int(other.usage_count.sum()) == 6 * 3
+    with pytest.raises(ValueError):
+        ProductKeyMemory(8, MemoryConfig(n_keys=4, heads=1, knn=3, k_dim=6), values=shared)
+
+
+def test_usage_metrics():
+    uniform = usage_metrics(torch.ones(100, dtype=torch.long), torch.ones(100))
+    assert uniform["used"] == 1.0 and abs(uniform["kl_uniform"]) < 1e-12 and abs(uniform["gini"]) < 1e-12
+    assert uniform["top50"] == 0.5 and uniform["top90"] == 0.9 and uniform["top99"] == 0.99
+    one = torch.zeros(100)
+    one[7] = 3.0
+    peaked = usage_metrics((one > 0).long(), one)
+    assert peaked["used"] == 0.01 and abs(peaked["kl_uniform"] - math.log(100)) < 1e-9
+    assert abs(peaked["gini"] - 0.99) < 1e-9 and peaked["top99"] == 0.01
+    mass = torch.tensor([5.0, 3.0, 1.0, 1.0])
+    m = usage_metrics(torch.ones(4, dtype=torch.long), mass)
+    assert m["top50"] == 0.25 and m["top90"] == 0.75 and m["top99"] == 1.0
