@@ -178,22 +178,21 @@ def _backward_torch(grad_out, indices, weights, table, offsets, need_w, need_t):
     acc = _acc_dtype(table.dtype, weights.dtype, grad_out.dtype)
     bag_ids = _bag_ids(offsets, nnz)
 
-    grad_weights = None
+    grad_weights = unique_rows = row_grads = acc_rows = inverse = None
     if need_w:
         grad_weights = _alloc.empty(nnz, dtype=weights.dtype, device=weights.device)
-        for s in _chunks(nnz, D):
-            rows = table[indices[s]].to(acc)  # [chunk, D]
-            grads = grad_out[bag_ids[s]].to(acc)  # [chunk, D]
-            grad_weights[s] = torch.linalg.vecdot(rows, grads)
-
-    unique_rows = row_grads = None
     if need_t:
         unique_rows, inverse = torch.unique(indices, sorted=True, return_inverse=True)
         acc_rows = torch.zeros(unique_rows.numel(), D, dtype=acc, device=table.device)
+    if need_w or need_t:
+        # one gather of grad_out per entry serves both gradients
         for s in _chunks(nnz, D):
-            contrib = grad_out[bag_ids[s]].to(acc)  # [chunk, D]
-            contrib.mul_(weights[s].to(acc)[:, None])
-            acc_rows.index_add_(0, inverse[s], contrib)
+            grads = grad_out[bag_ids[s]].to(acc)  # [chunk, D]
+            if need_w:
+                grad_weights[s] = torch.linalg.vecdot(table[indices[s]].to(acc), grads)
+            if need_t:
+                acc_rows.index_add_(0, inverse[s], grads.mul_(weights[s].to(acc)[:, None]))
+    if need_t:
         row_grads = _cast_into_output(acc_rows, table.dtype)
     return grad_weights, unique_rows, row_grads
 

@@ -19,7 +19,7 @@ def test_clip_sparse_gradients_with_duplicate_rows():
     dense.grad = torch.tensor([3.0, 0.0, 0.0])
     table = torch.nn.Parameter(torch.zeros(10, 2))
     # two layers read row 4: their gradients add up before the norm is taken
-    table.grad = torch.sparse_coo_tensor(torch.tensor([[4, 4]]), torch.tensor([[1.0, 0.0], [3.0, 0.0]]), (10, 2))
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[4, 4]]), torch.tensor([[1.0, 0.0], [3.0, 0.0]]), (10, 2), check_invariants=True)
     norm = clip_grads([dense, table], max_norm=1.0)
     assert math.isclose(norm, 5.0, rel_tol=1e-6)  # sqrt(3^2 + (1 + 3)^2)
     assert math.isclose(float(dense.grad[0]), 3.0 / 5.0, rel_tol=1e-5)
