@@ -25,3 +25,319 @@ def test_clip_sparse_gradients_with_duplicate_rows():
     assert math.isclose(float(dense.grad[0]), 3.0 / 5.0, rel_tol=1e-5)
     torch.testing.assert_close(table.grad.to_dense()[4], torch.tensor([0.8, 0.0]), rtol=1e-5, atol=1e-6)
     assert clip_grads([dense], max_norm=None) > 0  # no clipping: norm only
+
+
+# --------------------------------------------------------------------------------------------
+# Row-sparse value optimizers against float64 references of the same rules
+# --------------------------------------------------------------------------------------------
+
+import io  # noqa: E402
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+from memray.errors import ConfigError  # noqa: E402
+from memray.model.memory import ValueTable  # noqa: E402
+from memray.optim import (  # noqa: E402
+    VALUE_OPTIMIZERS, LazyAdam, LazyAdamW, OptimConfig, RowSparseSGD, RowWiseAdagrad, build_value_optimizer,
+)
+
+NUM_ROWS, DIM = 53, 37  # awkward sizes: neither is a power of two
+LR, EPS, BETAS = 1e-2, 1e-3, (0.9, 0.99)  # eps large enough that misplacing it shows
+# fp32 implementation against the float64 reference: tighter than the shared fp32 table
+# (1e-5); a whole multi-step trajectory must stay within it.
+STEP_TOL = dict(atol=1e-6, rtol=1e-6)
+# Where a value is rounded to bf16, fp32 arithmetic (implementation) and fp64 arithmetic
+# (reference) give the same bf16 number unless the exact value lies within their difference
+# (~1e-7 relative for these few operations) of a rounding midpoint; then the two neighbours
+# of the midpoint are both correct roundings.
+MIDPOINT_RTOL = 1e-6
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: extra threads only add synchronisation, which costs seconds when
+    the machine's other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_optimizer(kind, params, weight_decay, state_dtype="fp32"):
+    if kind == "sgd":
+        return RowSparseSGD(params, lr=LR, weight_decay=weight_decay)
+    if kind == "rowwise_adagrad":
+        return RowWiseAdagrad(params, lr=LR, eps=EPS, weight_decay=weight_decay)
+    cls = LazyAdamW if kind == "lazy_adamw" else LazyAdam
+    return cls(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, state_dtype=state_dtype)
+
+
+class Reference:
+    """The update rules in float64, one touched row at a time, over dense state."""
+
+    def __init__(self, kind, table, weight_decay):
+        self.kind, self.wd = kind, weight_decay
+        self.weight = table.detach().double().clone()
+        self.sum_sq = torch.zeros(NUM_ROWS, dtype=torch.float64)
+        self.exp_avg = torch.zeros(NUM_ROWS, DIM, dtype=torch.float64)
+        self.exp_avg_sq = torch.zeros(NUM_ROWS, DIM, dtype=torch.float64)
+        self.row_step = torch.zeros(NUM_ROWS, dtype=torch.int64)
+
+    def sync(self, table, state):
+        """Start the next step from the implementation's stored (possibly bf16-rounded) values."""
+        self.weight = table.detach().double().clone()
+        for name, value in state.items():
+            setattr(self, name, value.double().clone() if value.is_floating_point() else value.long().clone())
+
+    def step(self, grad) -> list[int]:
+        rows = grad._indices()[0].tolist()
+        values = grad._values().double()
+        dense = torch.zeros(NUM_ROWS, DIM, dtype=torch.float64)
+        for k, r in enumerate(rows):  # duplicates add up
+            dense[r] += values[k]
+        touched = sorted(set(rows))
+        for r in touched:
+            self._row(r, dense[r])
+        return touched
+
+    def _row(self, r, g):
+        w, wd = self.weight[r].clone(), self.wd
+        if self.kind == "sgd":
+            self.weight[r] = w - LR * (g + wd * w)
+        elif self.kind == "rowwise_adagrad":
+            g = g + wd * w
+            self.sum_sq[r] += (g * g).mean()
+            self.weight[r] = w - LR * g / (self.sum_sq[r].sqrt() + EPS)
+        else:
+            if self.kind == "lazy_adamw":
+                w = w * (1 - LR * wd)
+            else:
+                g = g + wd * w
+            self.row_step[r] += 1
+            t = int(self.row_step[r])
+            b1, b2 = BETAS
+            self.exp_avg[r] = b1 * self.exp_avg[r] + (1 - b1) * g
+            self.exp_avg_sq[r] = b2 * self.exp_avg_sq[r] + (1 - b2) * g * g
+            m_hat = self.exp_avg[r] / (1 - b1**t)
+            v_hat = self.exp_avg_sq[r] / (1 - b2**t)
+            self.weight[r] = w - LR * m_hat / (v_hat.sqrt() + EPS)
+
+
+def assert_rounds_to(actual, exact, what):
+    """``actual`` (bf16) is ``exact`` (float64) rounded to nearest, up to midpoint ambiguity."""
+    assert actual.dtype == torch.bfloat16, what
+    expected = exact.float().to(torch.bfloat16)
+    differ = actual != expected
+    if differ.any():
+        a, e, x = actual[differ].double(), expected[differ].double(), exact[differ]
+        midpoint = (a + e) / 2
+        ok = (x - midpoint).abs() <= MIDPOINT_RTOL * x.abs()
+        assert ok.all(), f"{what}: {int((~ok).sum())} values not rounded to nearest, e.g. {a[~ok][:3]} vs {x[~ok][:3]}"
+
+
+def assert_matches(actual, exact, what):
+    if actual.dtype == torch.bfloat16:
+        assert_rounds_to(actual, exact, what)
+    else:
+        torch.testing.assert_close(actual.double(), exact, **STEP_TOL, msg=lambda m: f"{what}: {m}")
+
+
+def random_gradient(step, dtype, generator):
+    """Gradients that cover the cases a pool's step sees, by step number."""
+    kind = ["duplicates", "coalesced", "empty", "duplicates", "zero_row", "coalesced", "duplicates"][step]
+    if kind == "empty":
+        return torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(0, DIM, dtype=dtype), (NUM_ROWS, DIM), check_invariants=True)
+    num_entries = int(torch.randint(8, 30, (), generator=generator))
+    rows = torch.randint(0, NUM_ROWS - 5, (num_entries,), generator=generator)  # the last 5 rows: never read
+    values = torch.randn(num_entries, DIM, generator=generator).to(dtype)
+    if kind == "zero_row":  # a row read with a zero gradient is still a touched row
+        rows[0], values[0] = NUM_ROWS - 6, 0.0
+        rows[1:] = torch.where(rows[1:] == NUM_ROWS - 6, 0, rows[1:])
+    grad = torch.sparse_coo_tensor(rows[None], values, (NUM_ROWS, DIM), check_invariants=True)  # uncoalesced: several layers
+    return grad.coalesce() if kind == "coalesced" else grad
+
+
+CASES = [  # (optimizer, table dtype, state dtype)
+    ("sgd", torch.float32, "fp32"),
+    ("sgd", torch.bfloat16, "fp32"),
+    ("rowwise_adagrad", torch.float32, "fp32"),
+    ("rowwise_adagrad", torch.bfloat16, "fp32"),
+    ("lazy_adam", torch.float32, "fp32"),
+    ("lazy_adam", torch.float32, "bf16"),
+    ("lazy_adam", torch.bfloat16, "bf16"),
+    ("lazy_adamw", torch.float32, "fp32"),
+    ("lazy_adamw", torch.float32, "bf16"),
+    ("lazy_adamw", torch.bfloat16, "fp32"),
+]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
+@pytest.mark.parametrize("kind,table_dtype,state_dtype", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_row_sparse_optimizer_matches_float64_reference(kind, table_dtype, state_dtype, weight_decay):
+    generator = torch.Generator().manual_seed(1)
+    table = torch.nn.Parameter((torch.randn(NUM_ROWS, DIM, generator=generator) * 0.5).to(table_dtype))
+    opt = make_optimizer(kind, [table], weight_decay, state_dtype)
+    reference = Reference(kind, table, weight_decay)
+    # With bf16 anywhere the reference restarts each step from the stored values: a legitimate
+    # midpoint tie would otherwise send the two trajectories one bf16 step apart for good.
+    # All-fp32 runs are one independent trajectory.
+    resync = table_dtype == torch.bfloat16 or state_dtype == "bf16"
+    ever_touched = set()
+    for step in range(7):
+        state = opt.state[table]
+        if resync:
+            reference.sync(table, state)
+        before = {"weight": table.detach().clone(), **{k: v.clone() for k, v in state.items()}}
+        table.grad = random_gradient(step, table_dtype, generator)
+        opt.step()
+        touched = reference.step(table.grad)
+        ever_touched |= set(touched)
+        state = opt.state[table]
+        assert set(state) == {"sgd": set(), "rowwise_adagrad": {"sum_sq"}}.get(kind, {*MOMENTS, "row_step"})
+        untouched = torch.ones(NUM_ROWS, dtype=torch.bool)
+        untouched[touched] = False
+
+        # untouched rows and their state: bit for bit what they were (zeros for fresh state)
+        after = {"weight": table.detach(), **state}
+        for name, value in after.items():
+            old = before.get(name, torch.zeros_like(value))
+            assert torch.equal(value[untouched], old[untouched]), f"step {step}: untouched rows of {name} changed"
+        if not touched:
+            continue
+        # touched rows: the reference rule
+        assert_matches(table.detach()[touched], reference.weight[touched], f"step {step} weight")
+        if kind == "rowwise_adagrad":
+            assert state["sum_sq"].dtype == torch.float32
+            assert_matches(state["sum_sq"][touched], reference.sum_sq[touched], f"step {step} sum_sq")
+        if kind.startswith("lazy"):
+            assert state["row_step"].dtype == torch.int32
+            assert torch.equal(state["row_step"].long(), reference.row_step), f"step {step} row_step"
+            for name in MOMENTS:
+                assert state[name].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[state_dtype]
+                assert_matches(state[name][touched], getattr(reference, name)[touched], f"step {step} {name}")
+        pushed = table.grad.coalesce().to_dense().ne(0).any(-1)  # rows with a non-zero summed gradient
+        moved = (table.detach() != before["weight"]).any(-1)
+        assert moved[pushed].float().mean() > 0.9, "rows with a gradient should move"
+    assert len(ever_touched) < NUM_ROWS - 4
+
+
+def test_lazy_adam_corrects_bias_per_row():
+    """A row first read at step 3 gets a first-step update (lr * sign(g)), not a damped one."""
+    table = torch.nn.Parameter(torch.zeros(4, 2))
+    opt = LazyAdam([table], lr=0.1, betas=(0.9, 0.999), eps=1e-12)
+    for row in (0, 0, 3):
+        table.grad = torch.sparse_coo_tensor(torch.tensor([[row]]), torch.tensor([[2.0, -0.5]]), (4, 2), check_invariants=True)
+        opt.step()
+    torch.testing.assert_close(table.detach()[3], torch.tensor([-0.1, 0.1]))
+    assert opt.state[table]["row_step"].tolist() == [2, 0, 0, 1]
+
+
+def test_dense_gradient_is_refused_and_missing_gradient_skipped():
+    a, b = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(5, 3))
+    opt = RowWiseAdagrad([a, b])
+    b_before = b.detach().clone()
+    a.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (5, 3), check_invariants=True)
+    opt.step()  # b has no gradient: left alone
+    assert torch.equal(b.detach(), b_before) and b not in opt.state
+    a.grad = torch.ones(5, 3)
+    with pytest.raises(RuntimeError, match="row-sparse gradient"):
+        opt.step()
+    opt.zero_grad()
+    assert a.grad is None
+
+
+def serialised(state_dict):
+    """A state dict after a trip through bytes, loaded without arbitrary unpickling."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("kind,table_dtype,state_dtype", [
+    ("sgd", torch.float32, "fp32"),
+    ("rowwise_adagrad", torch.bfloat16, "fp32"),  # fp32 accumulators on a bf16 table
+    ("lazy_adam", torch.float32, "bf16"),  # bf16 moments on an fp32 table
+    ("lazy_adamw", torch.bfloat16, "fp32"),
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_state_dict_round_trip_continues_identically(kind, table_dtype, state_dtype):
+    generator = torch.Generator().manual_seed(2)
+    grads = [random_gradient(step, table_dtype, generator) for step in range(7)]
+    tables = [torch.nn.Parameter((torch.randn(NUM_ROWS, DIM, generator=generator) * 0.5).to(table_dtype)) for _ in range(2)]
+    opt = make_optimizer(kind, [{"params": [tables[0]]}, {"params": [tables[1]], "lr": LR / 3}], 0.1, state_dtype)
+    for grad in grads[:4]:
+        for t in tables:
+            t.grad = grad
+        opt.step()
+    saved = serialised(opt.state_dict())
+    saved_tables = [t.detach().clone() for t in tables]
+
+    for state in saved["state"].values():
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+    json.dumps(saved["param_groups"])  # groups: numbers, bools and strings only
+
+    resumed_tables = [torch.nn.Parameter(t.clone()) for t in saved_tables]
+    resumed = make_optimizer(kind, [{"params": [resumed_tables[0]]}, {"params": [resumed_tables[1]]}], 0.0, state_dtype)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[1]["lr"] == LR / 3 and resumed.param_groups[0]["weight_decay"] == 0.1
+    for grad in grads[4:]:
+        for t in (*tables, *resumed_tables):
+            t.grad = grad
+        opt.step()
+        resumed.step()
+    for t, r in zip(tables, resumed_tables):
+        assert torch.equal(t, r)
+        assert opt.state[t].keys() == resumed.state[r].keys()
+        for name, value in opt.state[t].items():
+            assert resumed.state[r][name].dtype == value.dtype, name  # not cast to the table's dtype
+            assert torch.equal(resumed.state[r][name], value), name
+
+
+def test_build_value_optimizer_maps_names_and_pools():
+    pools = [ValueTable(40, 8, lr=None, weight_decay=0.0), ValueTable(40, 8, lr=2e-3, weight_decay=0.05)]
+    expected = {
+        "adamw": torch.optim.AdamW, "sparse_adam": torch.optim.SparseAdam, "adagrad": torch.optim.Adagrad,
+        "rowwise_adagrad": RowWiseAdagrad, "lazy_adam": LazyAdam, "lazy_adamw": LazyAdamW, "sgd": RowSparseSGD,
+    }
+    assert set(expected) == set(VALUE_OPTIMIZERS)
+    for name, cls in expected.items():
+        config = OptimConfig(value_optimizer=name, lr=5e-3, value_eps=1e-7 if name != "adamw" else None)
+        opt = build_value_optimizer(config, pools)
+        assert type(opt) is cls, name
+        assert [g["lr"] for g in opt.param_groups] == [5e-3, 2e-3]
+        if name not in ("sparse_adam", "adagrad"):
+            assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.05], name
+        if name != "sgd":
+            assert opt.param_groups[0]["eps"] == (1e-8 if name == "adamw" else 1e-7), name
+    lazy = build_value_optimizer(OptimConfig(value_optimizer="lazy_adamw", value_state_dtype="bf16"), pools)
+    assert lazy.param_groups[0]["state_dtype"] == "bf16" and lazy.param_groups[0]["decoupled"]
+    assert build_value_optimizer(OptimConfig(), []) is None
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["optim.value_state_dtype=fp16"], "optim.value_state_dtype"),
+    (["optim.value_state_dtype=bf16"], "optim.value_state_dtype"),  # sparse_adam cannot keep bf16 state
+    (["optim.value_optimizer=rowwise_adagrad", "optim.value_state_dtype=bf16"], "optim.value_state_dtype"),
+    (["optim.value_eps=0"], "optim.value_eps"),
+    (["optim.value_eps=-1e-8"], "optim.value_eps"),
+    (["optim.value_optimizer=lazy_sgd"], "optim.value_optimizer"),
+])
+def test_value_optimizer_config_errors_name_the_key(overrides, key):
+    from memray.train import load_run_config
+
+    with pytest.raises(ConfigError) as info:
+        load_run_config("tiny", overrides)
+    assert info.value.key == key
+    assert f"'{key}'" in str(info.value)
+
+
+def test_value_optimizer_config_direct_construction_is_checked():
+    for kwargs, key in (({"value_optimizer": "lion"}, "value_optimizer"), ({"value_state_dtype": "fp16"}, "value_state_dtype")):
+        with pytest.raises(ConfigError) as info:
+            OptimConfig(**kwargs)
+        assert info.value.key == key
+    config = OptimConfig(value_optimizer="lazy_adam", value_state_dtype="bf16", value_eps=1e-6)
+    assert config.sparse_values and config.value_eps == 1e-6

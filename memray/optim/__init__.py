@@ -2,17 +2,26 @@
 
 Value pools have their own learning rate (the paper: a fixed 1e-3, 10x the dense base rate),
 their own weight decay and their own gradient clipping. With a sparse optimizer the pools'
-gradients are row-sparse and the step touches only the rows a batch read.
+gradients are row-sparse and the step touches only the rows a batch read; the row-sparse
+optimizers of :mod:`memray.optim.sparse` make that step cost O(rows read), state included.
 """
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from memray.errors import ConfigError
+
+from .sparse import STATE_DTYPES, LazyAdam, LazyAdamW, RowSparseOptimizer, RowSparseSGD, RowWiseAdagrad
+
+ValueOptimizerName = Literal["adamw", "sparse_adam", "rowwise_adagrad", "lazy_adam", "lazy_adamw", "sgd", "adagrad"]
+VALUE_OPTIMIZERS = typing.get_args(ValueOptimizerName)
+# optimizers whose [N, D] state may be kept in bf16; the others have none or keep it in fp32
+_BF16_STATE_OPTIMIZERS = ("lazy_adam", "lazy_adamw")
 
 
 @dataclass(kw_only=True)
@@ -25,8 +34,14 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0  # on the dense parameters
     # Value pools. adamw: the paper's dense AdamW (dense N x D gradient and state); sparse_adam:
-    # lazy Adam on the touched rows (torch.optim.SparseAdam); adagrad / sgd: torch's, sparse.
-    value_optimizer: Literal["adamw", "sparse_adam", "adagrad", "sgd"] = "sparse_adam"
+    # torch.optim.SparseAdam (lazy Adam, bias-corrected by the global step); adagrad: torch's
+    # Adagrad on sparse gradients. Row-sparse, O(rows read) per step (memray.optim.sparse):
+    # rowwise_adagrad (one fp32 accumulator per row), lazy_adam / lazy_adamw (per-row bias
+    # correction; L2 / decoupled weight decay of the rows read), sgd.
+    value_optimizer: ValueOptimizerName = "sparse_adam"
+    value_state_dtype: Literal["fp32", "bf16"] = "fp32"  # Adam moments of lazy_adam / lazy_adamw
+    # eps of the value optimizer; null: `eps` (torch's default 1e-10 for adagrad)
+    value_eps: float | None = None
     value_lr_schedule: Literal["fixed", "cosine"] = "fixed"  # fixed: the pool's lr at every step
     value_grad_clip: float | None = 1.0
 
@@ -39,10 +54,20 @@ class OptimConfig:
             raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
-        for name in ("grad_clip", "value_grad_clip"):
+        for name in ("grad_clip", "value_grad_clip", "value_eps"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(name, f"must be > 0 or null, got {v}")
+        if self.value_optimizer not in VALUE_OPTIMIZERS:
+            raise ConfigError("value_optimizer", f"{self.value_optimizer!r} is not one of {', '.join(VALUE_OPTIMIZERS)}")
+        if self.value_state_dtype not in STATE_DTYPES:
+            raise ConfigError("value_state_dtype", f"{self.value_state_dtype!r} is not one of {', '.join(STATE_DTYPES)}")
+        if self.value_state_dtype != "fp32" and self.value_optimizer not in _BF16_STATE_OPTIMIZERS:
+            raise ConfigError(
+                "value_state_dtype",
+                f"{self.value_state_dtype} state needs value_optimizer {' or '.join(_BF16_STATE_OPTIMIZERS)}, "
+                f"not {self.value_optimizer}",
+            )
 
     @property
     def sparse_values(self) -> bool:
@@ -68,23 +93,38 @@ def dense_param_groups(named_params, weight_decay: float) -> list[dict]:
 
 
 def build_value_optimizer(config: OptimConfig, tables) -> torch.optim.Optimizer | None:
-    """One optimizer over every value pool, one parameter group per pool (its own lr)."""
+    """One optimizer over every value pool, one parameter group per pool.
+
+    Each pool's group has its own lr (``table.lr``, else ``config.lr``) and, where the optimizer
+    supports it, its own weight decay (``table.weight_decay``; torch's SparseAdam and Adagrad
+    are built as before, without it).
+    """
+    name = config.value_optimizer
+    with_decay = name in ("adamw", "rowwise_adagrad", "lazy_adam", "lazy_adamw", "sgd")
     groups = []
     for table in tables:
         lr = table.lr if table.lr is not None else config.lr
         group = {"params": [table.weight], "lr": lr, "initial_lr": lr}
-        if config.value_optimizer == "adamw":
+        if with_decay:
             group["weight_decay"] = table.weight_decay
         groups.append(group)
     if not groups:
         return None
-    if config.value_optimizer == "adamw":
-        return torch.optim.AdamW(groups, betas=tuple(config.betas), eps=config.eps)
-    if config.value_optimizer == "sparse_adam":
-        return torch.optim.SparseAdam(groups, betas=tuple(config.betas), eps=config.eps)
-    if config.value_optimizer == "adagrad":
-        return torch.optim.Adagrad(groups)
-    return torch.optim.SGD(groups)
+    eps = config.value_eps if config.value_eps is not None else config.eps
+    betas = tuple(config.betas)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, betas=betas, eps=eps)
+    if name == "sparse_adam":
+        return torch.optim.SparseAdam(groups, betas=betas, eps=eps)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups) if config.value_eps is None else torch.optim.Adagrad(groups, eps=eps)
+    if name == "rowwise_adagrad":
+        return RowWiseAdagrad(groups, eps=eps)
+    if name in ("lazy_adam", "lazy_adamw"):
+        cls = LazyAdamW if name == "lazy_adamw" else LazyAdam
+        return cls(groups, betas=betas, eps=eps, state_dtype=config.value_state_dtype)
+    assert name == "sgd", name
+    return RowSparseSGD(groups)
 
 
 def grad_norm(params) -> torch.Tensor:
@@ -114,4 +154,7 @@ def clip_grads(params, max_norm: float | None) -> float:
     return float(norm)
 
 
-__all__ = ["OptimConfig", "build_value_optimizer", "clip_grads", "dense_param_groups", "grad_norm", "lr_factor"]
+__all__ = [
+    "LazyAdam", "LazyAdamW", "OptimConfig", "RowSparseOptimizer", "RowSparseSGD", "RowWiseAdagrad",
+    "VALUE_OPTIMIZERS", "build_value_optimizer", "clip_grads", "dense_param_groups", "grad_norm", "lr_factor",
+]
