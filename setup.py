@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["memray", "memray.*"]) + ["memray.kernels"],
     package_dir={"memray.kernels": "kernels"},
-    package_data={"memray": ["configs/*.yaml"]},
+    package_data={"memray": ["configs/*.yaml"], "memray.kernels": ["*.cpp"]},
     install_requires=[
         "torch>=2.13,<2.15",
         "triton>=3.7",

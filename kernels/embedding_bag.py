@@ -1,9 +1,15 @@
-"""Weighted embedding bag with a row-sparse table gradient, on two backends.
+"""Weighted embedding bag with a row-sparse table gradient, on three backends.
 
 ``embedding_bag`` is the autograd entry point used by memory layers; ``bag_forward`` and
-``bag_backward`` are the autograd-free pieces in CSR form. The ``"torch"`` backend runs on any
-device with stock torch ops; the ``"triton"`` backend runs the kernels in ``triton_bag`` (CUDA,
-or CPU under ``TRITON_INTERPRET=1``). Triton is imported only when that backend is used.
+``bag_backward`` are the autograd-free pieces in CSR form. Backends:
+
+* ``"torch"``: stock torch ops, any device; the fallback everywhere.
+* ``"cpp"``: the C++/OpenMP kernels of ``cpu_bag.cpp`` for CPU tensors, compiled on first use
+  (``cpu_ext``); several times faster than ``"torch"`` (benchmarks/bench_lookup.py).
+* ``"triton"``: the kernels in ``triton_bag`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+
+``"auto"`` picks triton for CUDA tables when triton is installed, and on CPU the C++ kernels
+when they build, else torch. Triton is imported only when that backend is used.
 """
 import importlib.util
 import os
@@ -11,10 +17,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import _alloc
+from . import _alloc, cpu_ext
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
-_BACKENDS = ("auto", "torch", "triton")
+_BACKENDS = ("auto", "torch", "cpp", "triton")
 
 # The torch backend materialises [chunk, D] fp32 temporaries; bounding them keeps memory flat
 # for large batches (about 64 MiB per temporary).
@@ -102,7 +108,16 @@ def _resolve_backend(backend, table):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if table.is_cuda and _has_triton() else "torch"
+        if table.is_cuda:
+            return "triton" if _has_triton() else "torch"
+        if table.device.type == "cpu" and cpu_ext.available():
+            return "cpp"
+        return "torch"
+    if backend == "cpp":
+        if table.device.type != "cpu":
+            raise ValueError(f"backend='cpp' needs CPU tensors, got {table.device}")
+        if not cpu_ext.available():
+            raise ValueError(f"backend='cpp' requested but the C++ CPU kernels are unavailable: {cpu_ext.load_error}")
     if backend == "triton":
         if not _has_triton():
             raise ValueError("backend='triton' requested but triton is not installed")
@@ -123,6 +138,19 @@ def _bag_ids(offsets, nnz):
 def _row_major(x):
     # Kernels index rows by stride(0) and assume unit stride along D.
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _row_segments(indices):
+    """Entries grouped by table row: ``(order [nnz], unique_rows [U], seg [U + 1])``.
+
+    ``indices[order]`` is sorted (stably, so each row's entries keep their order and results
+    are deterministic); the entries of ``unique_rows[u]`` are ``order[seg[u]:seg[u + 1]]``.
+    """
+    sorted_rows, order = torch.sort(indices, stable=True)
+    unique_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    seg = torch.zeros(unique_rows.numel() + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(counts, 0, out=seg[1:])
+    return order, unique_rows, seg
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,9 +190,25 @@ def _forward_triton(indices, weights, table, offsets):
     return out
 
 
+def _forward_cpp(indices, weights, table, offsets):
+    out_dtype = torch.result_type(table, weights)
+    acc = _acc_dtype(table.dtype, weights.dtype)
+    if table.dtype == acc:
+        # F.embedding_bag's kernel (register-blocked, prefetching) beats ours on a table already
+        # in the accumulation dtype (benchmarks/bench_lookup.py, "forward kernel" rows).
+        return _forward_torch(indices, weights, table, offsets)
+    ops = cpu_ext.load()
+    num_bags, D = offsets.numel() - 1, table.shape[1]
+    out = _alloc.empty(num_bags, D, dtype=acc, device=table.device)
+    ops.bag_forward(indices.contiguous(), weights.to(acc).contiguous(), _row_major(table), offsets.contiguous(), out)
+    return _cast_into_output(out, out_dtype)
+
+
 def _forward(indices, weights, table, offsets, backend):
     if backend == "triton":
         return _forward_triton(indices, weights, table, offsets)
+    if backend == "cpp":
+        return _forward_cpp(indices, weights, table, offsets)
     return _forward_torch(indices, weights, table, offsets)
 
 
@@ -177,24 +221,49 @@ def _backward_torch(grad_out, indices, weights, table, offsets, need_w, need_t):
     nnz, D = indices.numel(), table.shape[1]
     acc = _acc_dtype(table.dtype, weights.dtype, grad_out.dtype)
     bag_ids = _bag_ids(offsets, nnz)
+    grad_out = _row_major(grad_out.to(acc))  # [B, D], small: converted once, never per entry
 
-    grad_weights = unique_rows = row_grads = acc_rows = inverse = None
+    grad_weights = unique_rows = row_grads = None
     if need_w:
         grad_weights = _alloc.empty(nnz, dtype=weights.dtype, device=weights.device)
+        if table.dtype == acc:
+            # torch's own fused per-entry dot (the backward of F.embedding_bag's weights):
+            # no [nnz, D] temporaries.
+            grad_weights.copy_(torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_out, table, indices.contiguous(), offsets[:-1], bag_ids, 0, -1
+            ))
+        else:
+            for s in _chunks(nnz, D):
+                grad_weights[s] = torch.linalg.vecdot(table[indices[s]].to(acc), grad_out[bag_ids[s]])
     if need_t:
-        unique_rows, inverse = torch.unique(indices, sorted=True, return_inverse=True)
-        acc_rows = torch.zeros(unique_rows.numel(), D, dtype=acc, device=table.device)
-    if need_w or need_t:
-        # one gather of grad_out per entry serves both gradients
-        for s in _chunks(nnz, D):
-            grads = grad_out[bag_ids[s]].to(acc)  # [chunk, D]
-            if need_w:
-                grad_weights[s] = torch.linalg.vecdot(table[indices[s]].to(acc), grads)
-            if need_t:
-                acc_rows.index_add_(0, inverse[s], grads.mul_(weights[s].to(acc)[:, None]))
-    if need_t:
+        # dT[row] = sum over the row's entries of w[e] * grad_out[bag(e)]: once entries are
+        # grouped by row this is itself a weighted bag sum, over grad_out rows.
+        order, unique_rows, seg = _row_segments(indices)
+        acc_rows = F.embedding_bag(
+            bag_ids[order], grad_out, seg, mode="sum", per_sample_weights=weights[order].to(acc),
+            include_last_offset=True,
+        )
         row_grads = _cast_into_output(acc_rows, table.dtype)
     return grad_weights, unique_rows, row_grads
+
+
+def _backward_cpp(grad_out, indices, weights, table, offsets, need_w, need_t):
+    ops = cpu_ext.load()
+    nnz, D = indices.numel(), table.shape[1]
+    acc = _acc_dtype(table.dtype, weights.dtype, grad_out.dtype)
+    if not (need_w or need_t):
+        return None, None, None
+    bag_ids = _bag_ids(offsets, nnz)
+    order, unique_rows, seg = _row_segments(indices)
+    grad_weights = _alloc.empty(nnz, dtype=acc, device=weights.device) if need_w else None
+    row_grads = _alloc.empty(unique_rows.numel(), D, dtype=table.dtype, device=table.device) if need_t else None
+    ops.bag_backward(
+        _row_major(grad_out.to(acc)), bag_ids, weights.to(acc).contiguous(), _row_major(table),
+        order, seg, unique_rows, grad_weights, row_grads,
+    )
+    if need_w:
+        grad_weights = _cast_into_output(grad_weights, weights.dtype)
+    return grad_weights, (unique_rows if need_t else None), row_grads
 
 
 def _backward_triton(grad_out, indices, weights, table, offsets, need_w, need_t):
@@ -214,17 +283,14 @@ def _backward_triton(grad_out, indices, weights, table, offsets, need_w, need_t)
     if need_t:
         # Stable sort groups each table row's entries into one contiguous segment; the table
         # gradient is then a bag sum over grad_out rows, one program per (unique row, D block).
-        order = torch.argsort(indices, stable=True)
-        unique_rows, counts = torch.unique_consecutive(indices[order], return_counts=True)
-        seg_offsets = torch.zeros(unique_rows.numel() + 1, dtype=torch.int64, device=indices.device)
-        torch.cumsum(counts, 0, out=seg_offsets[1:])
+        order, unique_rows, seg_offsets = _row_segments(indices)
         row_grads = _alloc.empty(unique_rows.numel(), D, dtype=table.dtype, device=table.device)
         triton_bag.bag_sum(bag_ids[order], weights[order], grad_out, seg_offsets, row_grads, acc)
     return grad_weights, unique_rows, row_grads
 
 
 def _backward(grad_out, indices, weights, table, offsets, backend, need_w, need_t):
-    fn = _backward_triton if backend == "triton" else _backward_torch
+    fn = {"torch": _backward_torch, "cpp": _backward_cpp, "triton": _backward_triton}[backend]
     return fn(grad_out, indices, weights, table, offsets, need_w, need_t)
 
 
@@ -296,7 +362,8 @@ def embedding_bag(indices, weights, table, offsets=None, *, sparse_grad=True, ba
     ``[B + 1]`` (bags may be empty). Returns ``[B, D]`` in ``torch.result_type(table, weights)``,
     accumulated in at least fp32. With ``sparse_grad`` the table gradient is a coalesced sparse
     COO tensor over the touched rows only, so a huge table never gets a dense gradient.
-    ``backend``: ``"torch"``, ``"triton"`` or ``"auto"`` (triton for CUDA tables when installed).
+    ``backend``: ``"torch"``, ``"cpp"`` (CPU), ``"triton"`` or ``"auto"`` (triton for CUDA tables
+    when installed; on CPU the C++ kernels when they build, else torch).
     """
     indices, weights, offsets = _normalize(indices, weights, table, offsets)
     backend = _resolve_backend(backend, table)

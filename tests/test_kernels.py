@@ -1,10 +1,13 @@
-"""Embedding bag (memory-layer value lookup): torch and Triton backends against the reference.
+"""Embedding bag (memory-layer value lookup): torch, C++ and Triton backends against the reference.
 
 Triton runs under the interpreter on CPU (``TRITON_INTERPRET=1`` from conftest), which executes
-every program in Python, so Triton cases use small bags and tables.
+every program in Python, so Triton cases use small bags and tables. The C++ kernels are built
+on first use (seconds; cached in the torch extensions directory afterwards).
 """
 import ast
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -12,23 +15,41 @@ import pytest
 import torch
 
 import memray.kernels as K
-from memray.kernels import _alloc, bag_backward, bag_forward, embedding_bag, embedding_bag_reference
+from memray.kernels import _alloc, bag_backward, bag_forward, cpu_ext, embedding_bag, embedding_bag_reference
 from tolerances import TOL, assert_close
 
 EB_MODULE = sys.modules["memray.kernels.embedding_bag"]
 KERNELS_DIR = pathlib.Path(K.__file__).resolve().parent
 
+# The C++ kernels are skipped only where no C++ compiler exists; with one, a failed build fails
+# test_cpp_extension_builds instead of silently skipping.
+HAVE_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+CPP = pytest.param(
+    "cpp", marks=pytest.mark.skipif(
+        not HAVE_COMPILER and not cpu_ext.available(), reason="no C++ compiler for the CPU kernels"
+    ),
+)
+
+
+def _param(backend, dtype):
+    marks = CPP.marks if backend == "cpp" else ()
+    return pytest.param(backend, dtype, id=f"{backend}-{str(dtype).removeprefix('torch.')}", marks=marks)
+
+
 BACKEND_DTYPES = [
-    pytest.param(backend, dtype, id=f"{backend}-{str(dtype).removeprefix('torch.')}")
+    _param(backend, dtype)
     for backend, dtype in [
         ("torch", torch.float32),
         ("torch", torch.bfloat16),
         ("torch", torch.float64),
+        ("cpp", torch.float32),
+        ("cpp", torch.bfloat16),
+        ("cpp", torch.float64),
         ("triton", torch.float32),
         ("triton", torch.bfloat16),
     ]
 ]
-BOTH = ["torch", "triton"]
+ALL = ["torch", CPP, "triton"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +150,7 @@ def test_matches_reference(backend, dtype, case_name):
     assert_close(grad_table.to_dense(), ref_gt, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize(
     "table_dtype,weight_dtype",
     [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64), (torch.bfloat16, torch.float64)],
@@ -160,7 +181,7 @@ def test_triton_float64():
     assert_close(grad_table.to_dense(), ref_gt)
 
 
-@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("backend", ALL)
 def test_gradcheck_dense(backend):
     """Finite differences on the autograd Function itself (fp64, dense table gradient)."""
     indices, weights, table, offsets = _prepare(_csr(4, 3, [2, 0, 3]), torch.float64)
@@ -185,7 +206,7 @@ def test_torch_backend_larger_and_chunked(monkeypatch):
         assert_close(grad_table.to_dense(), ref_gt, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("backend", ALL)
 def test_broadcast_grad_out(backend):
     """``out.sum().backward()`` hands the backward an expanded (stride-0) grad_out."""
     indices, weights, table, offsets = _prepare(CASES["fixed_d33"](), torch.float32)
@@ -196,26 +217,40 @@ def test_broadcast_grad_out(backend):
     assert_close(grad_table.to_dense(), ref_gt, dtype=torch.float32)
 
 
-def test_backends_agree_on_raw_api():
-    """bag_forward/bag_backward (CSR, no autograd) give the same answers on both backends."""
+@pytest.mark.parametrize("backend", [CPP, "triton"])
+def test_backends_agree_on_raw_api(backend):
+    """bag_forward/bag_backward (CSR, no autograd) give the torch backend's answers."""
     indices, weights, table, offsets = _prepare(CASES["csr_empty_bags"](), torch.float32)
     grad_out = torch.randn(offsets.numel() - 1, table.shape[1])
     results = {}
-    for backend in BOTH:
-        out = bag_forward(indices, weights, table, offsets, backend)
-        grad_weights, unique_rows, row_grads = bag_backward(grad_out, indices, weights, table, offsets, backend)
-        results[backend] = (out, grad_weights, unique_rows, row_grads)
-    (o_a, gw_a, u_a, r_a), (o_b, gw_b, u_b, r_b) = results["torch"], results["triton"]
+    for name in ("torch", backend):
+        out = bag_forward(indices, weights, table, offsets, name)
+        grad_weights, unique_rows, row_grads = bag_backward(grad_out, indices, weights, table, offsets, name)
+        results[name] = (out, grad_weights, unique_rows, row_grads)
+    (o_a, gw_a, u_a, r_a), (o_b, gw_b, u_b, r_b) = results["torch"], results[backend]
     assert torch.equal(u_a, u_b) and torch.equal(u_a, torch.unique(indices))
     assert gw_a.shape == indices.shape and r_a.shape == (u_a.numel(), table.shape[1])
     assert_close(o_b, o_a, dtype=torch.float32)
     assert_close(gw_b, gw_a, dtype=torch.float32)
     assert_close(r_b, r_a, dtype=torch.float32)
 
+
+@pytest.mark.parametrize("backend", ALL)
+def test_raw_backward_parts_not_requested(backend):
+    indices, weights, table, offsets = _prepare(CASES["duplicates"](), torch.float32)
+    grad_out = torch.randn(2, 9)
+    _, ref_gw, ref_gt = _reference(indices, weights, table, offsets, grad_out)
     grad_weights, unique_rows, row_grads = bag_backward(
-        grad_out, indices, weights, table, offsets, "torch", need_weights_grad=False
+        grad_out, indices, weights, table, offsets, backend, need_weights_grad=False
     )
-    assert grad_weights is None and row_grads is not None
+    assert grad_weights is None
+    assert torch.equal(unique_rows, torch.tensor([1, 2]))
+    assert_close(row_grads, ref_gt[unique_rows], dtype=torch.float32)
+    grad_weights, unique_rows, row_grads = bag_backward(
+        grad_out, indices, weights, table, offsets, backend, need_table_grad=False
+    )
+    assert unique_rows is None and row_grads is None
+    assert_close(grad_weights, ref_gw.reshape(-1), dtype=torch.float32)  # the raw API is flat [nnz]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +258,7 @@ def test_backends_agree_on_raw_api():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize(
     "make",
     [
@@ -244,7 +279,7 @@ def test_no_entries(backend, make):
     assert grad_table._nnz() == 0
 
 
-@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("backend", ALL)
 def test_untouched_rows_absent(backend):
     """Only the rows read appear in the sparse gradient; the rest of the table gets nothing."""
     idx = [[7, 3, 7], [40, 3, 12]]
@@ -256,7 +291,7 @@ def test_untouched_rows_absent(backend):
     assert_close(grad_table.to_dense(), ref_gt, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("backend", ALL)
 def test_large_table_rows_near_end(backend):
     """int64 row numbers close to N = 70000; the sparse grad stays at the touched rows only."""
     num_rows = 70_000
@@ -271,7 +306,7 @@ def test_large_table_rows_near_end(backend):
     assert_close(grad_table.to_dense(), ref_gt, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("backend", ALL)
 def test_sparse_and_dense_grads_equal(backend):
     indices, weights, table, offsets = _prepare(CASES["csr_empty_bags"](), torch.bfloat16)
     _, gw_sparse, gt_sparse, grad_out = _run(backend, indices, weights, table, offsets, sparse_grad=True)
@@ -281,7 +316,7 @@ def test_sparse_and_dense_grads_equal(backend):
     assert torch.equal(gw_sparse, gw_dense)
 
 
-@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("backend", ALL)
 def test_one_input_requires_grad(backend):
     indices, weights, table, offsets = _prepare(CASES["duplicates"](), torch.float32)
     grad_out = torch.randn(2, 9)
@@ -339,8 +374,92 @@ def test_reference_is_plain_autograd_float64():
     torch.autograd.gradcheck(lambda w, t: embedding_bag_reference(indices, w, t, offsets), (weights, table))
 
 
-def test_auto_backend_on_cpu_is_torch():
-    assert EB_MODULE._resolve_backend("auto", torch.zeros(2, 2)) == "torch"
+# ------------------------------------------------------------------------------------------------
+# the C++ CPU kernels: build, selection, fallback
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler")
+@pytest.mark.skipif(cpu_ext._disabled(), reason=f"{cpu_ext.ENV_SWITCH} disables the C++ kernels")
+def test_cpp_extension_builds():
+    assert cpu_ext.available(), cpu_ext.load_error
+
+
+def test_auto_backend_on_cpu_is_fastest_available():
+    expected = "cpp" if cpu_ext.available() else "torch"
+    assert EB_MODULE._resolve_backend("auto", torch.zeros(2, 2)) == expected
+
+
+def _run_python(code, **env):
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+
+
+CHECK_AUTO_IS_TORCH = (
+    "import sys, warnings, torch\n"
+    "warnings.simplefilter('always')\n"
+    "with warnings.catch_warnings(record=True) as caught:\n"
+    "    from memray.kernels import cpu_ext, embedding_bag\n"
+    "    eb = sys.modules['memray.kernels.embedding_bag']\n"
+    "    assert eb._resolve_backend('auto', torch.zeros(2, 2)) == 'torch'\n"
+    "    out = embedding_bag(torch.tensor([[0, 1, 1]]), torch.ones(1, 3), torch.eye(3))\n"
+    "assert out.tolist() == [[1.0, 2.0, 0.0]], out\n"
+    "print(cpu_ext.load_error)\n"
+    "print('|'.join(str(w.message) for w in caught))\n"
+)
+
+
+def test_cpp_switched_off_means_torch_backend(tmp_path):
+    result = _run_python(CHECK_AUTO_IS_TORCH, MEMRAY_CPU_EXT="0", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "disabled by MEMRAY_CPU_EXT=0" in result.stdout
+    assert not any(tmp_path.iterdir()), "nothing may be built when the extension is switched off"
+
+
+def test_cpp_build_failure_falls_back_to_torch(tmp_path):
+    """No usable compiler: one warning naming the cause, then the torch backend does the work."""
+    result = _run_python(CHECK_AUTO_IS_TORCH, MEMRAY_CPU_EXT="1", TORCH_EXTENSIONS_DIR=str(tmp_path), CXX="/bin/false")
+    assert result.returncode == 0, result.stderr
+    load_error, warning_text = result.stdout.strip().splitlines()[-2:]
+    assert load_error != "None"
+    assert "C++ CPU kernels unavailable" in warning_text and "slower torch backend" in warning_text
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cpu_ext._remove_stale_lock(tmp_path)
+    assert lock.exists(), "a fresh lock belongs to a build in progress"
+    old = lock.stat().st_mtime - cpu_ext._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    cpu_ext._remove_stale_lock(tmp_path)
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("backend", [CPP])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpp_multithreaded_shapes(backend, dtype):
+    """Enough bags and rows that both threads get work; D = 70 leaves a tail after 16-wide lanes."""
+    for case in (_fixed(500, 70, 300, 24), _csr(2000, 70, torch.randint(0, 40, (257,)).tolist())):
+        indices, weights, table, offsets = _prepare(case, dtype)
+        out, grad_weights, grad_table, grad_out = _run(backend, indices, weights, table, offsets)
+        ref_out, ref_gw, ref_gt = _reference(indices, weights, table, offsets, grad_out)
+        assert_close(out, ref_out, dtype=dtype)
+        assert_close(grad_weights, ref_gw, dtype=dtype)
+        _check_sparse_grad(grad_table, indices, table)
+        assert_close(grad_table.to_dense(), ref_gt, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", [CPP])
+@pytest.mark.parametrize("bad", [-1, 10])
+def test_cpp_index_out_of_range(backend, bad):
+    """The C++ kernels check every index before following it (a bf16 table runs the C++ forward)."""
+    indices = torch.tensor([[0, bad, 2]])
+    with pytest.raises(IndexError, match="out of range"):
+        bag_forward(indices, torch.ones(1, 3), torch.ones(10, 4, dtype=torch.bfloat16), None, backend)
+    with pytest.raises(IndexError, match="out of range"):
+        bag_backward(torch.ones(1, 4), indices, torch.ones(1, 3), torch.ones(10, 4), None, backend)
 
 
 @pytest.mark.parametrize(
@@ -401,3 +520,75 @@ def test_import_without_triton():
         "assert out.shape == (2, 5) and bool((out == 3).all())\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark scripts' plumbing (tiny shapes; their numbers are not checked here)
+# ------------------------------------------------------------------------------------------------
+
+BENCHMARKS = KERNELS_DIR.parent / "benchmarks"
+
+
+def _load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _last_json_line(text):
+    import json
+
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_bench_lookup_smoke(tmp_path, capsys):
+    bench = _load_script("bench_lookup")
+    bench.main(["--reps", "1", "--log2-rows", "10", "12", "--tokens", "16", "--options-log2-rows", "12",
+                "--out", str(tmp_path)])
+    summary = _last_json_line(capsys.readouterr().out)
+    assert set(summary["per_N"]) == {"2^10", "2^12"}
+    assert summary["per_N"]["2^10"]["step_ms"] > 0 and "step_ratio_2^12_vs_2^10" in summary
+    assert (tmp_path / "bench_lookup.csv").read_text().startswith("section,log2_rows,method")
+    assert "| N | method | pass |" in (tmp_path / "bench_lookup.md").read_text()
+    # the bytes of a step: indices, weights, gathered rows and output, then the backward's traffic
+    assert bench.forward_bytes(10, 2) == 10 * 12 + 10 * 256 * 4 + 2 * 256 * 4
+
+
+def test_gpu_lookup_plumbing_on_cpu(tmp_path, capsys):
+    """The GPU script's checks, timings and result files, run with a CPU backend."""
+    gpu = _load_script("gpu_lookup")
+    assert gpu.TOL == TOL, "gpu_lookup.TOL must mirror tests/tolerances.py"
+    backend = "cpp" if cpu_ext.available() else "torch"
+    code = gpu.main(["--device", "cpu", "--backend", backend, "--smoke", "--out", str(tmp_path)])
+    summary = _last_json_line(capsys.readouterr().out)
+    assert code == 0 and summary["checks_passed"] == summary["checks_total"] > 0
+    assert "2^10 x 16 tok float32" in summary["shapes"]
+    assert (tmp_path / "gpu_lookup.csv").exists() and (tmp_path / "gpu_lookup.md").exists()
+
+
+def test_gpu_lookup_checks_catch_a_wrong_kernel(monkeypatch):
+    """The check section fails when a backend computes something else."""
+    gpu = _load_script("gpu_lookup")
+    real = EB_MODULE._forward_torch
+    monkeypatch.setattr(EB_MODULE, "_forward_torch", lambda *a: real(*a) * 1.001)
+    rows = gpu.run_checks(K, torch.device("cpu"), "torch", smoke=True)
+    assert not any(r["ok"] for r in rows if r["table_dtype"] == "float32" and r["weight_dtype"] == "float32")
+
+
+def test_gpu_lookup_imports_kernels_from_a_checkout():
+    """On a machine without `pip install -e .`, kernels/ is loaded as memray_kernels."""
+    code = (
+        "import sys; sys.modules['memray'] = None\n"
+        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+        "import gpu_lookup\n"
+        "K = gpu_lookup.import_kernels()\n"
+        "assert K.__name__ == 'memray_kernels', K.__name__\n"
+        "import torch\n"
+        "out = K.embedding_bag(torch.tensor([[0, 1]]), torch.ones(1, 2), torch.eye(2), backend='torch')\n"
+        "assert out.tolist() == [[1.0, 1.0]]\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
