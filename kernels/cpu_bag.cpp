@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -193,6 +194,44 @@ void backward_kernel(const A* grad_out, int64_t stride_g, const int64_t* bag_ids
   });
 }
 
+// Exact row-wise Adagrad on the touched rows, one pass per row (rows[] are unique, so rows are
+// updated by one thread each, without atomics). With g' = g + wd * w:
+//   sum_sq[r] += mean(g'^2);   w_r -= lr * g' / (sqrt(sum_sq[r]) + eps)
+// The unfused torch sequence reads and writes [U, D] temporaries five times; this reads the
+// gradient once and the row twice (both from cache), and writes the row once.
+template <typename T>
+void rowwise_adagrad_kernel(T* table, int64_t stride_t, float* sum_sq, const int64_t* rows, const float* grads,
+                            int64_t stride_g, int64_t num_unique, int64_t D, float lr, float eps, float wd) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  at::parallel_for(0, num_unique, 64, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      if (u + kPrefetchAhead < u1) prefetch_row(table + rows[u + kPrefetchAhead] * stride_t, row_bytes);
+      T* __restrict__ w = table + rows[u] * stride_t;
+      const float* __restrict__ g = grads + u * stride_g;
+      float part[kLanes] = {};
+      int64_t d = 0;
+      for (; d + kLanes <= D; d += kLanes) {
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const float gd = g[d + j] + wd * widen<float>(w[d + j]);
+          part[j] += gd * gd;
+        }
+      }
+      float tail = 0;
+      for (; d < D; ++d) {
+        const float gd = g[d] + wd * widen<float>(w[d]);
+        tail += gd * gd;
+      }
+      const float acc = sum_sq[rows[u]] + sum_lanes(part, tail) / static_cast<float>(D);
+      sum_sq[rows[u]] = acc;
+      const float scale = lr / (std::sqrt(acc) + eps);
+      for (d = 0; d < D; ++d) {
+        const float wd_old = widen<float>(w[d]);
+        w[d] = narrow<T>(wd_old - scale * (g[d] + wd * wd_old));
+      }
+    }
+  });
+}
+
 // ----------------------------------------------------------------------------------------------
 // Op wrappers: argument checks, then dispatch on (table dtype, accumulation dtype).
 // ----------------------------------------------------------------------------------------------
@@ -315,6 +354,35 @@ void bag_backward(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& w
   });
 }
 
+void rowwise_adagrad(const Tensor& table, const Tensor& sum_sq, const Tensor& rows, const Tensor& row_grads,
+                     double lr, double eps, double weight_decay) {
+  check_rows(table, "table");
+  check_rows(row_grads, "row_grads");
+  check_1d(sum_sq, ScalarType::Float, "sum_sq");
+  check_1d(rows, ScalarType::Long, "rows");
+  TORCH_CHECK(row_grads.scalar_type() == ScalarType::Float, "row_grads must be float32");
+  const int64_t num_unique = rows.numel(), D = table.size(1);
+  TORCH_CHECK(row_grads.size(0) == num_unique && row_grads.size(1) == D, "row_grads must be [rows, D]");
+  TORCH_CHECK(sum_sq.numel() == table.size(0), "sum_sq must have one entry per table row");
+  check_range(rows, table.size(0), "rows");
+  const int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t u = 1; u < num_unique; ++u) {
+    TORCH_CHECK(r[u - 1] < r[u], "rows must be strictly increasing (unique)");
+  }
+  switch (table.scalar_type()) {
+    case ScalarType::Float:
+      return rowwise_adagrad_kernel<float>(table.data_ptr<float>(), table.stride(0), sum_sq.data_ptr<float>(), r,
+                                           row_grads.data_ptr<float>(), row_grads.stride(0), num_unique, D, lr, eps,
+                                           weight_decay);
+    case ScalarType::BFloat16:
+      return rowwise_adagrad_kernel<c10::BFloat16>(table.data_ptr<c10::BFloat16>(), table.stride(0),
+                                                   sum_sq.data_ptr<float>(), r, row_grads.data_ptr<float>(),
+                                                   row_grads.stride(0), num_unique, D, lr, eps, weight_decay);
+    default:
+      TORCH_CHECK(false, "rowwise_adagrad takes float32 or bfloat16 tables, got ", table.scalar_type());
+  }
+}
+
 }  // namespace
 
 // The namespace is a macro so that a second build (other ISA flags, for benchmarks) can be
@@ -331,4 +399,8 @@ MEMRAY_TORCH_LIBRARY(MEMRAY_CPU_BAG_NS, m) {
       "bag_backward(Tensor grad_out, Tensor bag_ids, Tensor weights, Tensor table, Tensor order, Tensor seg, "
       "Tensor rows, Tensor(a!)? grad_weights, Tensor(b!)? row_grads) -> ()",
       &bag_backward);
+  m.def(
+      "rowwise_adagrad(Tensor(a!) table, Tensor(b!) sum_sq, Tensor rows, Tensor row_grads, float lr, float eps, "
+      "float weight_decay) -> ()",
+      &rowwise_adagrad);
 }

@@ -69,8 +69,8 @@ def _one_thread():
 def make_optimizer(kind, params, weight_decay, state_dtype="fp32"):
     if kind == "sgd":
         return RowSparseSGD(params, lr=LR, weight_decay=weight_decay)
-    if kind == "rowwise_adagrad":
-        return RowWiseAdagrad(params, lr=LR, eps=EPS, weight_decay=weight_decay)
+    if kind.startswith("rowwise_adagrad"):
+        return RowWiseAdagrad(params, lr=LR, eps=EPS, weight_decay=weight_decay, fused=not kind.endswith("unfused"))
     cls = LazyAdamW if kind == "lazy_adamw" else LazyAdam
     return cls(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, state_dtype=state_dtype)
 
@@ -79,7 +79,7 @@ class Reference:
     """The update rules in float64, one touched row at a time, over dense state."""
 
     def __init__(self, kind, table, weight_decay):
-        self.kind, self.wd = kind, weight_decay
+        self.kind, self.wd = kind.removesuffix("_unfused"), weight_decay
         self.weight = table.detach().double().clone()
         self.sum_sq = torch.zeros(NUM_ROWS, dtype=torch.float64)
         self.exp_avg = torch.zeros(NUM_ROWS, DIM, dtype=torch.float64)
@@ -165,6 +165,8 @@ CASES = [  # (optimizer, table dtype, state dtype)
     ("sgd", torch.bfloat16, "fp32"),
     ("rowwise_adagrad", torch.float32, "fp32"),
     ("rowwise_adagrad", torch.bfloat16, "fp32"),
+    ("rowwise_adagrad_unfused", torch.float32, "fp32"),  # the torch-op path beside the fused kernel
+    ("rowwise_adagrad_unfused", torch.bfloat16, "fp32"),
     ("lazy_adam", torch.float32, "fp32"),
     ("lazy_adam", torch.float32, "bf16"),
     ("lazy_adam", torch.bfloat16, "bf16"),
@@ -177,6 +179,7 @@ CASES = [  # (optimizer, table dtype, state dtype)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
 @pytest.mark.parametrize("kind,table_dtype,state_dtype", CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_row_sparse_optimizer_matches_float64_reference(kind, table_dtype, state_dtype, weight_decay):
+    base = kind.removesuffix("_unfused")
     generator = torch.Generator().manual_seed(1)
     table = torch.nn.Parameter((torch.randn(NUM_ROWS, DIM, generator=generator) * 0.5).to(table_dtype))
     opt = make_optimizer(kind, [table], weight_decay, state_dtype)
@@ -196,7 +199,7 @@ def test_row_sparse_optimizer_matches_float64_reference(kind, table_dtype, state
         touched = reference.step(table.grad)
         ever_touched |= set(touched)
         state = opt.state[table]
-        assert set(state) == {"sgd": set(), "rowwise_adagrad": {"sum_sq"}}.get(kind, {*MOMENTS, "row_step"})
+        assert set(state) == {"sgd": set(), "rowwise_adagrad": {"sum_sq"}}.get(base, {*MOMENTS, "row_step"})
         untouched = torch.ones(NUM_ROWS, dtype=torch.bool)
         untouched[touched] = False
 
@@ -209,7 +212,7 @@ def test_row_sparse_optimizer_matches_float64_reference(kind, table_dtype, state
             continue
         # touched rows: the reference rule
         assert_matches(table.detach()[touched], reference.weight[touched], f"step {step} weight")
-        if kind == "rowwise_adagrad":
+        if base == "rowwise_adagrad":
             assert state["sum_sq"].dtype == torch.float32
             assert_matches(state["sum_sq"][touched], reference.sum_sq[touched], f"step {step} sum_sq")
         if kind.startswith("lazy"):
@@ -341,3 +344,39 @@ def test_value_optimizer_config_direct_construction_is_checked():
         assert info.value.key == key
     config = OptimConfig(value_optimizer="lazy_adam", value_state_dtype="bf16", value_eps=1e-6)
     assert config.sparse_values and config.value_eps == 1e-6
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+def test_fused_rowwise_adagrad_serves_cpu_tables(table_dtype):
+    """The fused kernel is what runs on CPU (the reference test above then checks its rule)."""
+    from memray.kernels import cpu_ext, rowwise_adagrad_
+
+    assert cpu_ext.available(), cpu_ext.load_error
+    table = torch.randn(6, 5).to(table_dtype)
+    sum_sq = torch.zeros(6)
+    before = table.clone()
+    assert rowwise_adagrad_(table, sum_sq, torch.tensor([1, 4]), torch.ones(2, 5), lr=0.1, eps=1e-8)
+    assert torch.equal(table[[0, 2, 3, 5]], before[[0, 2, 3, 5]])
+    assert sum_sq.tolist() == [0, 1, 0, 0, 1, 0]
+    with pytest.raises(RuntimeError, match="strictly increasing"):
+        rowwise_adagrad_(table, sum_sq, torch.tensor([4, 1]), torch.ones(2, 5), lr=0.1, eps=1e-8)
+    with pytest.raises(IndexError):
+        rowwise_adagrad_(table, sum_sq, torch.tensor([1, 6]), torch.ones(2, 5), lr=0.1, eps=1e-8)
+
+
+def test_bench_value_step_smoke(tmp_path, capsys):
+    """The benchmark's plumbing at a toy size: every method steps, files and key figures appear."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_value_step.py"
+    spec = importlib.util.spec_from_file_location("bench_value_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    summary = bench.main(["--log2-rows", "12", "--reps", "1", "--out", str(tmp_path),
+                          "--methods", "torch_sparse_adam", "memray_rowwise_adagrad", "memray_lazy_adamw"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
+    csv_text = (tmp_path / "bench_value_step.csv").read_text()
+    assert csv_text.startswith("log2_rows,method,ms") and "copy_floor" in csv_text
+    assert summary["rowwise_adagrad_ms"]["2^12"] > 0

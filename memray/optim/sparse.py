@@ -38,6 +38,8 @@ from itertools import chain
 
 import torch
 
+from memray.kernels import rowwise_adagrad_
+
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -114,7 +116,9 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         if grad.shape != table.shape or grad.sparse_dim() != 1:
             raise RuntimeError(f"expected a gradient sparse over the rows of a {tuple(table.shape)} table")
         indices, values = grad._indices()[0], grad._values()
-        if grad.is_coalesced():
+        # autograd's accumulation into a leaf drops the coalesced flag of the lookup's gradient;
+        # strictly increasing rows are coalesced all the same, and checking costs O(U), not a sort
+        if grad.is_coalesced() or bool((indices[1:] > indices[:-1]).all()):
             if values.dtype == torch.float32:
                 return indices, values  # read-only below: never modified in place
             return indices, self._scratch("grad", values).copy_(values)
@@ -234,14 +238,19 @@ class RowWiseAdagrad(RowSparseOptimizer):
 
     _state_dtypes = {"sum_sq": torch.float32}
 
-    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0, *, fused: bool = True):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        # fused: one visit per touched row (memray.kernels.rowwise_adagrad_) where a kernel
+        # serves the table's device and dtype; the torch ops below otherwise
+        self.fused = fused
 
     def _init_state(self, group, table, state):
         state["sum_sq"] = torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)
 
     def _step_rows(self, group, table, state, rows, rows_grad):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        if self.fused and rowwise_adagrad_(table.data, state["sum_sq"], rows, rows_grad, lr, eps, wd):
+            return
         weight = None
         if wd:
             weight = self._gather(table, rows, "weight")  # [U, D]
