@@ -19,6 +19,8 @@ $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q $(PINS) -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(PY) -c "import torch, triton, click, yaml, safetensors, memray.kernels, memray.model"
+	@# build the C++ CPU kernels once now rather than inside the first training step
+	$(PY) -c "from memray.kernels import cpu_ext; print('C++ CPU kernels:', 'built' if cpu_ext.load() else 'unavailable (' + str(cpu_ext.load_error) + '), using the torch backend')"
 	touch $(STAMP)
 
 demo: setup

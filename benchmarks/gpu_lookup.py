@@ -26,8 +26,6 @@ line printed is JSON with the key figures and ratios.
 """
 import argparse
 import csv
-import importlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -37,6 +35,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import import_kernels  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NAME = "gpu_lookup"
@@ -51,22 +52,6 @@ TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
 }
-
-
-def import_kernels():
-    """``memray.kernels`` when installed, else ``kernels/`` of this checkout as ``memray_kernels``."""
-    try:
-        return importlib.import_module("memray.kernels")
-    except ImportError:
-        pass
-    if "memray_kernels" in sys.modules:
-        return sys.modules["memray_kernels"]
-    init = REPO / "kernels" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("memray_kernels", init, submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["memray_kernels"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------
