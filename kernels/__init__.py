@@ -9,6 +9,7 @@ be used and tested without the rest of ``memray``.
 """
 from .embedding_bag import bag_backward, bag_forward, embedding_bag
 from .reference import embedding_bag_reference
-from .row_update import rowwise_adagrad_
+from .row_update import lazy_adam_, rowwise_adagrad_, sgd_
 
-__all__ = ["embedding_bag", "embedding_bag_reference", "bag_forward", "bag_backward", "rowwise_adagrad_"]
+__all__ = ["embedding_bag", "embedding_bag_reference", "bag_forward", "bag_backward", "lazy_adam_",
+           "rowwise_adagrad_", "sgd_"]

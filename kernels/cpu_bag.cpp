@@ -232,6 +232,62 @@ void rowwise_adagrad_kernel(T* table, int64_t stride_t, float* sum_sq, const int
   });
 }
 
+// Lazy Adam / AdamW on the touched rows, one visit per row (rows[] unique). Per row r:
+// t = ++row_step[r]; g' = g + wd * w (L2) or w *= 1 - lr * wd (decoupled);
+// m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'^2 (stored rounded to S; the update uses the
+// fp32 values); w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps * sqrt(1 - b2^t)).
+template <typename T, typename S>
+void lazy_adam_kernel(T* table, int64_t stride_t, S* exp_avg, S* exp_avg_sq, int64_t stride_s, int32_t* row_step,
+                      const int64_t* rows, const float* grads, int64_t stride_g, int64_t num_unique, int64_t D,
+                      double lr, double beta1, double beta2, double eps, double wd, bool decoupled) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+  const float l2 = decoupled ? 0.0f : static_cast<float>(wd);
+  const float shrink = decoupled ? static_cast<float>(1.0 - lr * wd) : 1.0f;
+  at::parallel_for(0, num_unique, 64, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t r = rows[u];
+      if (u + kPrefetchAhead < u1) prefetch_row(table + rows[u + kPrefetchAhead] * stride_t, row_bytes);
+      const int32_t t = ++row_step[r];
+      const double bias1 = 1.0 - std::pow(beta1, t), bias2_sqrt = std::sqrt(1.0 - std::pow(beta2, t));
+      const float step = static_cast<float>(lr * bias2_sqrt / bias1);
+      const float eps_t = static_cast<float>(eps * bias2_sqrt);
+      T* __restrict__ w = table + r * stride_t;
+      S* __restrict__ m = exp_avg + r * stride_s;
+      S* __restrict__ v = exp_avg_sq + r * stride_s;
+      const float* __restrict__ g = grads + u * stride_g;
+      for (int64_t d = 0; d < D; ++d) {
+        float wd_old = widen<float>(w[d]);
+        const float gd = g[d] + l2 * wd_old;
+        wd_old *= shrink;
+        const float md = widen<float>(m[d]) + (1.0f - b1) * (gd - widen<float>(m[d]));
+        const float vd = b2 * widen<float>(v[d]) + (1.0f - b2) * gd * gd;
+        m[d] = narrow<S>(md);
+        v[d] = narrow<S>(vd);
+        w[d] = narrow<T>(wd_old - step * md / (std::sqrt(vd) + eps_t));
+      }
+    }
+  });
+}
+
+// SGD on the touched rows: w -= lr * (g + wd * w).
+template <typename T>
+void sgd_kernel(T* table, int64_t stride_t, const int64_t* rows, const float* grads, int64_t stride_g,
+                int64_t num_unique, int64_t D, float lr, float wd) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  at::parallel_for(0, num_unique, 64, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      if (u + kPrefetchAhead < u1) prefetch_row(table + rows[u + kPrefetchAhead] * stride_t, row_bytes);
+      T* __restrict__ w = table + rows[u] * stride_t;
+      const float* __restrict__ g = grads + u * stride_g;
+      for (int64_t d = 0; d < D; ++d) {
+        const float wd_old = widen<float>(w[d]);
+        w[d] = narrow<T>(wd_old - lr * (g[d] + wd * wd_old));
+      }
+    }
+  });
+}
+
 // ----------------------------------------------------------------------------------------------
 // Op wrappers: argument checks, then dispatch on (table dtype, accumulation dtype).
 // ----------------------------------------------------------------------------------------------
@@ -383,6 +439,63 @@ void rowwise_adagrad(const Tensor& table, const Tensor& sum_sq, const Tensor& ro
   }
 }
 
+// Checks shared by the fused optimizer updates; returns the unique, increasing rows.
+const int64_t* check_row_update(const Tensor& table, const Tensor& rows, const Tensor& row_grads) {
+  check_rows(table, "table");
+  check_rows(row_grads, "row_grads");
+  check_1d(rows, ScalarType::Long, "rows");
+  TORCH_CHECK(row_grads.scalar_type() == ScalarType::Float, "row_grads must be float32");
+  TORCH_CHECK(table.scalar_type() == ScalarType::Float || table.scalar_type() == ScalarType::BFloat16,
+              "fused row updates take float32 or bfloat16 tables, got ", table.scalar_type());
+  const int64_t num_unique = rows.numel();
+  TORCH_CHECK(row_grads.size(0) == num_unique && row_grads.size(1) == table.size(1), "row_grads must be [rows, D]");
+  check_range(rows, table.size(0), "rows");
+  const int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t u = 1; u < num_unique; ++u) {
+    TORCH_CHECK(r[u - 1] < r[u], "rows must be strictly increasing (unique)");
+  }
+  return r;
+}
+
+void lazy_adam(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& row_step,
+               const Tensor& rows, const Tensor& row_grads, double lr, double beta1, double beta2, double eps,
+               double weight_decay, bool decoupled) {
+  const int64_t* r = check_row_update(table, rows, row_grads);
+  TORCH_CHECK(exp_avg.sizes() == table.sizes() && exp_avg_sq.sizes() == table.sizes(), "moments must be [N, D]");
+  TORCH_CHECK(exp_avg.is_contiguous() && exp_avg_sq.is_contiguous() && exp_avg.scalar_type() == exp_avg_sq.scalar_type(),
+              "moments must be contiguous and of one dtype");
+  check_1d(row_step, ScalarType::Int, "row_step");
+  TORCH_CHECK(row_step.numel() == table.size(0), "row_step must have one entry per table row");
+  auto run = [&](auto* t_tag, auto* s_tag) {
+    using T = std::remove_pointer_t<decltype(t_tag)>;
+    using S = std::remove_pointer_t<decltype(s_tag)>;
+    lazy_adam_kernel<T, S>(table.data_ptr<T>(), table.stride(0), exp_avg.data_ptr<S>(), exp_avg_sq.data_ptr<S>(),
+                           exp_avg.stride(0), row_step.data_ptr<int32_t>(), r, row_grads.data_ptr<float>(),
+                           row_grads.stride(0), rows.numel(), table.size(1), lr, beta1, beta2, eps, weight_decay,
+                           decoupled);
+  };
+  const bool t_bf16 = table.scalar_type() == ScalarType::BFloat16;
+  switch (exp_avg.scalar_type()) {
+    case ScalarType::Float:
+      return t_bf16 ? run((c10::BFloat16*)nullptr, (float*)nullptr) : run((float*)nullptr, (float*)nullptr);
+    case ScalarType::BFloat16:
+      return t_bf16 ? run((c10::BFloat16*)nullptr, (c10::BFloat16*)nullptr)
+                    : run((float*)nullptr, (c10::BFloat16*)nullptr);
+    default:
+      TORCH_CHECK(false, "moments must be float32 or bfloat16, got ", exp_avg.scalar_type());
+  }
+}
+
+void sgd(const Tensor& table, const Tensor& rows, const Tensor& row_grads, double lr, double weight_decay) {
+  const int64_t* r = check_row_update(table, rows, row_grads);
+  if (table.scalar_type() == ScalarType::Float) {
+    return sgd_kernel<float>(table.data_ptr<float>(), table.stride(0), r, row_grads.data_ptr<float>(),
+                             row_grads.stride(0), rows.numel(), table.size(1), lr, weight_decay);
+  }
+  sgd_kernel<c10::BFloat16>(table.data_ptr<c10::BFloat16>(), table.stride(0), r, row_grads.data_ptr<float>(),
+                            row_grads.stride(0), rows.numel(), table.size(1), lr, weight_decay);
+}
+
 }  // namespace
 
 // The namespace is a macro so that a second build (other ISA flags, for benchmarks) can be
@@ -403,4 +516,9 @@ MEMRAY_TORCH_LIBRARY(MEMRAY_CPU_BAG_NS, m) {
       "rowwise_adagrad(Tensor(a!) table, Tensor(b!) sum_sq, Tensor rows, Tensor row_grads, float lr, float eps, "
       "float weight_decay) -> ()",
       &rowwise_adagrad);
+  m.def(
+      "lazy_adam(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, Tensor rows, "
+      "Tensor row_grads, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled) -> ()",
+      &lazy_adam);
+  m.def("sgd(Tensor(a!) table, Tensor rows, Tensor row_grads, float lr, float weight_decay) -> ()", &sgd);
 }

@@ -14,6 +14,15 @@ def _rows_contiguous(t: torch.Tensor) -> bool:
     return t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1)
 
 
+def _fused_ops(table, rows, row_grads):
+    """The extension's ops when they serve these inputs, else ``None``."""
+    if not (table.device.type == "cpu" and table.dtype in (torch.float32, torch.bfloat16)
+            and row_grads.dtype == torch.float32 and _rows_contiguous(table) and _rows_contiguous(row_grads)
+            and rows.dtype == torch.int64 and rows.is_contiguous()):
+        return None
+    return cpu_ext.load()
+
+
 def rowwise_adagrad_(table, sum_sq, rows, row_grads, lr: float, eps: float, weight_decay: float = 0.0) -> bool:
     """Exact row-wise Adagrad on ``rows`` (unique, increasing), in place.
 
@@ -21,13 +30,36 @@ def rowwise_adagrad_(table, sum_sq, rows, row_grads, lr: float, eps: float, weig
     ``sum_sq[r] += mean(g**2)``; ``table[r] -= lr * g / (sqrt(sum_sq[r]) + eps)``.
     ``table`` [N, D] fp32 or bf16, ``sum_sq`` [N] fp32, ``row_grads`` [U, D] fp32.
     """
-    if not (table.device.type == "cpu" and table.dtype in (torch.float32, torch.bfloat16)
-            and row_grads.dtype == torch.float32 and sum_sq.dtype == torch.float32
-            and _rows_contiguous(table) and _rows_contiguous(row_grads) and sum_sq.is_contiguous()
-            and rows.dtype == torch.int64 and rows.is_contiguous()):
-        return False
-    ops = cpu_ext.load()
-    if ops is None:
+    ops = _fused_ops(table, rows, row_grads)
+    if ops is None or sum_sq.dtype != torch.float32 or not sum_sq.is_contiguous():
         return False
     ops.rowwise_adagrad(table, sum_sq, rows, row_grads, float(lr), float(eps), float(weight_decay))
+    return True
+
+
+def lazy_adam_(table, exp_avg, exp_avg_sq, row_step, rows, row_grads, lr: float, betas, eps: float,
+               weight_decay: float = 0.0, decoupled: bool = False) -> bool:
+    """Adam on ``rows`` (unique, increasing) with a per-row step count ``row_step`` [N] int32, in
+    place; L2 (``decoupled=False``) or decoupled weight decay of those rows.
+
+    ``t = ++row_step[r]``; ``m, v`` updated in fp32 and stored in their dtype (fp32 or bf16);
+    ``w -= lr * sqrt(1 - b2**t) / (1 - b1**t) * m / (sqrt(v) + eps * sqrt(1 - b2**t))``.
+    """
+    ops = _fused_ops(table, rows, row_grads)
+    if (ops is None or exp_avg.dtype not in (torch.float32, torch.bfloat16) or exp_avg_sq.dtype != exp_avg.dtype
+            or not exp_avg.is_contiguous() or not exp_avg_sq.is_contiguous()
+            or row_step.dtype != torch.int32 or not row_step.is_contiguous()):
+        return False
+    beta1, beta2 = betas
+    ops.lazy_adam(table, exp_avg, exp_avg_sq, row_step, rows, row_grads, float(lr), float(beta1), float(beta2),
+                  float(eps), float(weight_decay), bool(decoupled))
+    return True
+
+
+def sgd_(table, rows, row_grads, lr: float, weight_decay: float = 0.0) -> bool:
+    """``table[r] -= lr * (row_grads[u] + weight_decay * table[r])`` on ``rows``, in place."""
+    ops = _fused_ops(table, rows, row_grads)
+    if ops is None:
+        return False
+    ops.sgd(table, rows, row_grads, float(lr), float(weight_decay))
     return True

@@ -67,12 +67,14 @@ def _one_thread():
 
 
 def make_optimizer(kind, params, weight_decay, state_dtype="fp32"):
+    fused = not kind.endswith("_unfused")  # the fused C++ row update, or the torch-op rule
+    kind = kind.removesuffix("_unfused")
     if kind == "sgd":
-        return RowSparseSGD(params, lr=LR, weight_decay=weight_decay)
-    if kind.startswith("rowwise_adagrad"):
-        return RowWiseAdagrad(params, lr=LR, eps=EPS, weight_decay=weight_decay, fused=not kind.endswith("unfused"))
+        return RowSparseSGD(params, lr=LR, weight_decay=weight_decay, fused=fused)
+    if kind == "rowwise_adagrad":
+        return RowWiseAdagrad(params, lr=LR, eps=EPS, weight_decay=weight_decay, fused=fused)
     cls = LazyAdamW if kind == "lazy_adamw" else LazyAdam
-    return cls(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, state_dtype=state_dtype)
+    return cls(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, state_dtype=state_dtype, fused=fused)
 
 
 class Reference:
@@ -173,6 +175,12 @@ CASES = [  # (optimizer, table dtype, state dtype)
     ("lazy_adamw", torch.float32, "fp32"),
     ("lazy_adamw", torch.float32, "bf16"),
     ("lazy_adamw", torch.bfloat16, "fp32"),
+    ("sgd_unfused", torch.float32, "fp32"),
+    ("sgd_unfused", torch.bfloat16, "fp32"),
+    ("lazy_adam_unfused", torch.float32, "fp32"),
+    ("lazy_adam_unfused", torch.bfloat16, "bf16"),
+    ("lazy_adamw_unfused", torch.float32, "bf16"),
+    ("lazy_adamw_unfused", torch.bfloat16, "fp32"),
 ]
 
 
@@ -215,7 +223,7 @@ def test_row_sparse_optimizer_matches_float64_reference(kind, table_dtype, state
         if base == "rowwise_adagrad":
             assert state["sum_sq"].dtype == torch.float32
             assert_matches(state["sum_sq"][touched], reference.sum_sq[touched], f"step {step} sum_sq")
-        if kind.startswith("lazy"):
+        if base.startswith("lazy"):
             assert state["row_step"].dtype == torch.int32
             assert torch.equal(state["row_step"].long(), reference.row_step), f"step {step} row_step"
             for name in MOMENTS:
@@ -265,6 +273,12 @@ def serialised(state_dict):
     ("rowwise_adagrad", torch.bfloat16, "fp32"),  # fp32 accumulators on a bf16 table
     ("lazy_adam", torch.float32, "bf16"),  # bf16 moments on an fp32 table
     ("lazy_adamw", torch.bfloat16, "fp32"),
+    ("sgd_unfused", torch.float32, "fp32"),
+    ("sgd_unfused", torch.bfloat16, "fp32"),
+    ("lazy_adam_unfused", torch.float32, "fp32"),
+    ("lazy_adam_unfused", torch.bfloat16, "bf16"),
+    ("lazy_adamw_unfused", torch.float32, "bf16"),
+    ("lazy_adamw_unfused", torch.bfloat16, "fp32"),
 ], ids=lambda v: str(v).replace("torch.", ""))
 def test_state_dict_round_trip_continues_identically(kind, table_dtype, state_dtype):
     generator = torch.Generator().manual_seed(2)
@@ -380,3 +394,18 @@ def test_bench_value_step_smoke(tmp_path, capsys):
     csv_text = (tmp_path / "bench_value_step.csv").read_text()
     assert csv_text.startswith("log2_rows,method,ms") and "copy_floor" in csv_text
     assert summary["rowwise_adagrad_ms"]["2^12"] > 0
+
+
+def test_fused_lazy_adam_and_sgd_serve_cpu_tables():
+    from memray.kernels import lazy_adam_, sgd_
+
+    table, rows, grads = torch.zeros(5, 3), torch.tensor([0, 3]), torch.ones(2, 3)
+    moments = [torch.zeros(5, 3, dtype=torch.bfloat16) for _ in range(2)]
+    row_step = torch.zeros(5, dtype=torch.int32)
+    assert lazy_adam_(table, *moments, row_step, rows, grads, lr=0.1, betas=(0.9, 0.99), eps=1e-8)
+    assert row_step.tolist() == [1, 0, 0, 1, 0]
+    # a first Adam step moves each coordinate by lr * sign(g)
+    torch.testing.assert_close(table[[0, 3]], torch.full((2, 3), -0.1))
+    assert sgd_(table, rows, grads, lr=0.5)
+    torch.testing.assert_close(table[[0, 3]], torch.full((2, 3), -0.6))
+    assert not table[[1, 2, 4]].any()

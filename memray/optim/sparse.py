@@ -38,7 +38,7 @@ from itertools import chain
 
 import torch
 
-from memray.kernels import rowwise_adagrad_
+from memray.kernels import lazy_adam_, rowwise_adagrad_, sgd_
 
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -78,8 +78,11 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     #: state key -> dtype it must have ("group" = the group's ``state_dtype``); used on load
     _state_dtypes: dict[str, torch.dtype | str] = {}
 
-    def __init__(self, params, defaults: dict):
+    def __init__(self, params, defaults: dict, fused: bool = True):
         super().__init__(params, defaults)
+        # fused: one visit per touched row (memray.kernels' row updates) where a kernel serves
+        # the table's device and dtypes; the torch ops of each rule otherwise
+        self.fused = fused
         self._workspace = _Workspace()
         for group in self.param_groups:
             self._check_group(group)
@@ -215,11 +218,13 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 class RowSparseSGD(RowSparseOptimizer):
     """``w_r -= lr * (g_r + weight_decay * w_r)`` on the touched rows only; no state."""
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, *, fused: bool = True):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), fused)
 
     def _step_rows(self, group, table, state, rows, rows_grad):
         lr, wd = group["lr"], group["weight_decay"]
+        if self.fused and sgd_(table.data, rows, rows_grad, lr, wd):
+            return
         if table.dtype == torch.float32 and wd == 0:
             table.index_add_(0, rows, rows_grad, alpha=-lr)
             return
@@ -239,10 +244,7 @@ class RowWiseAdagrad(RowSparseOptimizer):
     _state_dtypes = {"sum_sq": torch.float32}
 
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0, *, fused: bool = True):
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
-        # fused: one visit per touched row (memray.kernels.rowwise_adagrad_) where a kernel
-        # serves the table's device and dtype; the torch ops below otherwise
-        self.fused = fused
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), fused)
 
     def _init_state(self, group, table, state):
         state["sum_sq"] = torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)
@@ -276,12 +278,12 @@ class LazyAdam(RowSparseOptimizer):
     _state_dtypes = {"exp_avg": "group", "exp_avg_sq": "group", "row_step": torch.int32}
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, decoupled: bool = False, state_dtype: str = "fp32"):
+                 weight_decay: float = 0.0, *, decoupled: bool = False, state_dtype: str = "fp32", fused: bool = True):
         betas = tuple(float(b) for b in betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      decoupled=bool(decoupled), state_dtype=state_dtype))
+                                      decoupled=bool(decoupled), state_dtype=state_dtype), fused)
 
     def _init_state(self, group, table, state):
         dtype = STATE_DTYPES[group["state_dtype"]]
@@ -292,6 +294,9 @@ class LazyAdam(RowSparseOptimizer):
     def _step_rows(self, group, table, state, rows, rows_grad):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = group["betas"]
+        if self.fused and lazy_adam_(table.data, state["exp_avg"], state["exp_avg_sq"], state["row_step"], rows,
+                                     rows_grad, lr, (beta1, beta2), eps, wd, group["decoupled"]):
+            return
         weight = None
         if wd:
             weight = self._gather(table, rows, "weight")  # [U, D]
@@ -329,8 +334,8 @@ class LazyAdamW(LazyAdam):
     """``LazyAdam`` with decoupled weight decay: ``w_r *= 1 - lr * wd`` on touched rows."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, state_dtype: str = "fp32"):
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled=True, state_dtype=state_dtype)
+                 weight_decay: float = 0.0, *, state_dtype: str = "fp32", fused: bool = True):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled=True, state_dtype=state_dtype, fused=fused)
 
 
 __all__ = ["LazyAdam", "LazyAdamW", "RowSparseOptimizer", "RowSparseSGD", "RowWiseAdagrad", "STATE_DTYPES"]
