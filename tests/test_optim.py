@@ -336,7 +336,7 @@ def test_build_value_optimizer_maps_names_and_pools():
 
 @pytest.mark.parametrize("overrides,key", [
     (["optim.value_state_dtype=fp16"], "optim.value_state_dtype"),
-    (["optim.value_state_dtype=bf16"], "optim.value_state_dtype"),  # sparse_adam cannot keep bf16 state
+    (["optim.value_optimizer=sparse_adam", "optim.value_state_dtype=bf16"], "optim.value_state_dtype"),
     (["optim.value_optimizer=rowwise_adagrad", "optim.value_state_dtype=bf16"], "optim.value_state_dtype"),
     (["optim.value_eps=0"], "optim.value_eps"),
     (["optim.value_eps=-1e-8"], "optim.value_eps"),

@@ -38,7 +38,7 @@ class OptimConfig:
     # Adagrad on sparse gradients. Row-sparse, O(rows read) per step (memray.optim.sparse):
     # rowwise_adagrad (one fp32 accumulator per row), lazy_adam / lazy_adamw (per-row bias
     # correction; L2 / decoupled weight decay of the rows read), sgd.
-    value_optimizer: ValueOptimizerName = "sparse_adam"
+    value_optimizer: ValueOptimizerName = "lazy_adam"
     value_state_dtype: Literal["fp32", "bf16"] = "fp32"  # Adam moments of lazy_adam / lazy_adamw
     # eps of the value optimizer; null: `eps` (torch's default 1e-10 for adagrad)
     value_eps: float | None = None
