@@ -194,6 +194,19 @@ void backward_kernel(const A* grad_out, int64_t stride_g, const int64_t* bag_ids
   });
 }
 
+// Calls fn(u, row) for each touched row u of a fused optimizer update, in parallel, with the
+// rows a few steps ahead prefetched. rows[] are unique, so each row has one writer (no atomics).
+template <typename T, typename Fn>
+void for_each_touched_row(T* table, int64_t stride_t, const int64_t* rows, int64_t num_unique, int64_t D, Fn&& fn) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  at::parallel_for(0, num_unique, 64, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      if (u + kPrefetchAhead < u1) prefetch_row(table + rows[u + kPrefetchAhead] * stride_t, row_bytes);
+      fn(u, table + rows[u] * stride_t);
+    }
+  });
+}
+
 // Exact row-wise Adagrad on the touched rows, one pass per row (rows[] are unique, so rows are
 // updated by one thread each, without atomics). With g' = g + wd * w:
 //   sum_sq[r] += mean(g'^2);   w_r -= lr * g' / (sqrt(sum_sq[r]) + eps)
@@ -202,32 +215,27 @@ void backward_kernel(const A* grad_out, int64_t stride_g, const int64_t* bag_ids
 template <typename T>
 void rowwise_adagrad_kernel(T* table, int64_t stride_t, float* sum_sq, const int64_t* rows, const float* grads,
                             int64_t stride_g, int64_t num_unique, int64_t D, float lr, float eps, float wd) {
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  at::parallel_for(0, num_unique, 64, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      if (u + kPrefetchAhead < u1) prefetch_row(table + rows[u + kPrefetchAhead] * stride_t, row_bytes);
-      T* __restrict__ w = table + rows[u] * stride_t;
-      const float* __restrict__ g = grads + u * stride_g;
-      float part[kLanes] = {};
-      int64_t d = 0;
-      for (; d + kLanes <= D; d += kLanes) {
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const float gd = g[d + j] + wd * widen<float>(w[d + j]);
-          part[j] += gd * gd;
-        }
+  for_each_touched_row(table, stride_t, rows, num_unique, D, [&](int64_t u, T* __restrict__ w) {
+    const float* __restrict__ g = grads + u * stride_g;
+    float part[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const float gd = g[d + j] + wd * widen<float>(w[d + j]);
+        part[j] += gd * gd;
       }
-      float tail = 0;
-      for (; d < D; ++d) {
-        const float gd = g[d] + wd * widen<float>(w[d]);
-        tail += gd * gd;
-      }
-      const float acc = sum_sq[rows[u]] + sum_lanes(part, tail) / static_cast<float>(D);
-      sum_sq[rows[u]] = acc;
-      const float scale = lr / (std::sqrt(acc) + eps);
-      for (d = 0; d < D; ++d) {
-        const float wd_old = widen<float>(w[d]);
-        w[d] = narrow<T>(wd_old - scale * (g[d] + wd * wd_old));
-      }
+    }
+    float tail = 0;
+    for (; d < D; ++d) {
+      const float gd = g[d] + wd * widen<float>(w[d]);
+      tail += gd * gd;
+    }
+    const float acc = sum_sq[rows[u]] + sum_lanes(part, tail) / static_cast<float>(D);
+    sum_sq[rows[u]] = acc;
+    const float scale = lr / (std::sqrt(acc) + eps);
+    for (d = 0; d < D; ++d) {
+      const float w_old = widen<float>(w[d]);
+      w[d] = narrow<T>(w_old - scale * (g[d] + wd * w_old));
     }
   });
 }
@@ -240,32 +248,27 @@ template <typename T, typename S>
 void lazy_adam_kernel(T* table, int64_t stride_t, S* exp_avg, S* exp_avg_sq, int64_t stride_s, int32_t* row_step,
                       const int64_t* rows, const float* grads, int64_t stride_g, int64_t num_unique, int64_t D,
                       double lr, double beta1, double beta2, double eps, double wd, bool decoupled) {
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
   const float l2 = decoupled ? 0.0f : static_cast<float>(wd);
   const float shrink = decoupled ? static_cast<float>(1.0 - lr * wd) : 1.0f;
-  at::parallel_for(0, num_unique, 64, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t r = rows[u];
-      if (u + kPrefetchAhead < u1) prefetch_row(table + rows[u + kPrefetchAhead] * stride_t, row_bytes);
-      const int32_t t = ++row_step[r];
-      const double bias1 = 1.0 - std::pow(beta1, t), bias2_sqrt = std::sqrt(1.0 - std::pow(beta2, t));
-      const float step = static_cast<float>(lr * bias2_sqrt / bias1);
-      const float eps_t = static_cast<float>(eps * bias2_sqrt);
-      T* __restrict__ w = table + r * stride_t;
-      S* __restrict__ m = exp_avg + r * stride_s;
-      S* __restrict__ v = exp_avg_sq + r * stride_s;
-      const float* __restrict__ g = grads + u * stride_g;
-      for (int64_t d = 0; d < D; ++d) {
-        float wd_old = widen<float>(w[d]);
-        const float gd = g[d] + l2 * wd_old;
-        wd_old *= shrink;
-        const float md = widen<float>(m[d]) + (1.0f - b1) * (gd - widen<float>(m[d]));
-        const float vd = b2 * widen<float>(v[d]) + (1.0f - b2) * gd * gd;
-        m[d] = narrow<S>(md);
-        v[d] = narrow<S>(vd);
-        w[d] = narrow<T>(wd_old - step * md / (std::sqrt(vd) + eps_t));
-      }
+  for_each_touched_row(table, stride_t, rows, num_unique, D, [&](int64_t u, T* __restrict__ w) {
+    const int64_t r = rows[u];
+    const int32_t t = ++row_step[r];
+    const double bias1 = 1.0 - std::pow(beta1, t), bias2_sqrt = std::sqrt(1.0 - std::pow(beta2, t));
+    const float step = static_cast<float>(lr * bias2_sqrt / bias1);
+    const float eps_t = static_cast<float>(eps * bias2_sqrt);
+    S* __restrict__ m = exp_avg + r * stride_s;
+    S* __restrict__ v = exp_avg_sq + r * stride_s;
+    const float* __restrict__ g = grads + u * stride_g;
+    for (int64_t d = 0; d < D; ++d) {
+      float w_old = widen<float>(w[d]);
+      const float gd = g[d] + l2 * w_old;
+      w_old *= shrink;
+      const float md = widen<float>(m[d]) + (1.0f - b1) * (gd - widen<float>(m[d]));
+      const float vd = b2 * widen<float>(v[d]) + (1.0f - b2) * gd * gd;
+      m[d] = narrow<S>(md);
+      v[d] = narrow<S>(vd);
+      w[d] = narrow<T>(w_old - step * md / (std::sqrt(vd) + eps_t));
     }
   });
 }
@@ -274,16 +277,11 @@ void lazy_adam_kernel(T* table, int64_t stride_t, S* exp_avg, S* exp_avg_sq, int
 template <typename T>
 void sgd_kernel(T* table, int64_t stride_t, const int64_t* rows, const float* grads, int64_t stride_g,
                 int64_t num_unique, int64_t D, float lr, float wd) {
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  at::parallel_for(0, num_unique, 64, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      if (u + kPrefetchAhead < u1) prefetch_row(table + rows[u + kPrefetchAhead] * stride_t, row_bytes);
-      T* __restrict__ w = table + rows[u] * stride_t;
-      const float* __restrict__ g = grads + u * stride_g;
-      for (int64_t d = 0; d < D; ++d) {
-        const float wd_old = widen<float>(w[d]);
-        w[d] = narrow<T>(wd_old - lr * (g[d] + wd * wd_old));
-      }
+  for_each_touched_row(table, stride_t, rows, num_unique, D, [&](int64_t u, T* __restrict__ w) {
+    const float* __restrict__ g = grads + u * stride_g;
+    for (int64_t d = 0; d < D; ++d) {
+      const float w_old = widen<float>(w[d]);
+      w[d] = narrow<T>(w_old - lr * (g[d] + wd * w_old));
     }
   });
 }
@@ -410,35 +408,6 @@ void bag_backward(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& w
   });
 }
 
-void rowwise_adagrad(const Tensor& table, const Tensor& sum_sq, const Tensor& rows, const Tensor& row_grads,
-                     double lr, double eps, double weight_decay) {
-  check_rows(table, "table");
-  check_rows(row_grads, "row_grads");
-  check_1d(sum_sq, ScalarType::Float, "sum_sq");
-  check_1d(rows, ScalarType::Long, "rows");
-  TORCH_CHECK(row_grads.scalar_type() == ScalarType::Float, "row_grads must be float32");
-  const int64_t num_unique = rows.numel(), D = table.size(1);
-  TORCH_CHECK(row_grads.size(0) == num_unique && row_grads.size(1) == D, "row_grads must be [rows, D]");
-  TORCH_CHECK(sum_sq.numel() == table.size(0), "sum_sq must have one entry per table row");
-  check_range(rows, table.size(0), "rows");
-  const int64_t* r = rows.data_ptr<int64_t>();
-  for (int64_t u = 1; u < num_unique; ++u) {
-    TORCH_CHECK(r[u - 1] < r[u], "rows must be strictly increasing (unique)");
-  }
-  switch (table.scalar_type()) {
-    case ScalarType::Float:
-      return rowwise_adagrad_kernel<float>(table.data_ptr<float>(), table.stride(0), sum_sq.data_ptr<float>(), r,
-                                           row_grads.data_ptr<float>(), row_grads.stride(0), num_unique, D, lr, eps,
-                                           weight_decay);
-    case ScalarType::BFloat16:
-      return rowwise_adagrad_kernel<c10::BFloat16>(table.data_ptr<c10::BFloat16>(), table.stride(0),
-                                                   sum_sq.data_ptr<float>(), r, row_grads.data_ptr<float>(),
-                                                   row_grads.stride(0), num_unique, D, lr, eps, weight_decay);
-    default:
-      TORCH_CHECK(false, "rowwise_adagrad takes float32 or bfloat16 tables, got ", table.scalar_type());
-  }
-}
-
 // Checks shared by the fused optimizer updates; returns the unique, increasing rows.
 const int64_t* check_row_update(const Tensor& table, const Tensor& rows, const Tensor& row_grads) {
   check_rows(table, "table");
@@ -455,6 +424,22 @@ const int64_t* check_row_update(const Tensor& table, const Tensor& rows, const T
     TORCH_CHECK(r[u - 1] < r[u], "rows must be strictly increasing (unique)");
   }
   return r;
+}
+
+void rowwise_adagrad(const Tensor& table, const Tensor& sum_sq, const Tensor& rows, const Tensor& row_grads,
+                     double lr, double eps, double weight_decay) {
+  const int64_t* r = check_row_update(table, rows, row_grads);
+  check_1d(sum_sq, ScalarType::Float, "sum_sq");
+  TORCH_CHECK(sum_sq.numel() == table.size(0), "sum_sq must have one entry per table row");
+  const int64_t num_unique = rows.numel(), D = table.size(1);
+  if (table.scalar_type() == ScalarType::Float) {
+    return rowwise_adagrad_kernel<float>(table.data_ptr<float>(), table.stride(0), sum_sq.data_ptr<float>(), r,
+                                         row_grads.data_ptr<float>(), row_grads.stride(0), num_unique, D, lr, eps,
+                                         weight_decay);
+  }
+  rowwise_adagrad_kernel<c10::BFloat16>(table.data_ptr<c10::BFloat16>(), table.stride(0), sum_sq.data_ptr<float>(), r,
+                                        row_grads.data_ptr<float>(), row_grads.stride(0), num_unique, D, lr, eps,
+                                        weight_decay);
 }
 
 void lazy_adam(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& row_step,

@@ -162,6 +162,16 @@ def random_gradient(step, dtype, generator):
     return grad.coalesce() if kind == "coalesced" else grad
 
 
+# the torch-op rules beside the fused CPU kernels: (optimizer, table dtype, state dtype)
+UNFUSED_CASES = [
+    ("sgd_unfused", torch.float32, "fp32"),
+    ("sgd_unfused", torch.bfloat16, "fp32"),
+    ("lazy_adam_unfused", torch.float32, "fp32"),
+    ("lazy_adam_unfused", torch.bfloat16, "bf16"),
+    ("lazy_adamw_unfused", torch.float32, "bf16"),
+    ("lazy_adamw_unfused", torch.bfloat16, "fp32"),
+]
+
 CASES = [  # (optimizer, table dtype, state dtype)
     ("sgd", torch.float32, "fp32"),
     ("sgd", torch.bfloat16, "fp32"),
@@ -175,13 +185,7 @@ CASES = [  # (optimizer, table dtype, state dtype)
     ("lazy_adamw", torch.float32, "fp32"),
     ("lazy_adamw", torch.float32, "bf16"),
     ("lazy_adamw", torch.bfloat16, "fp32"),
-    ("sgd_unfused", torch.float32, "fp32"),
-    ("sgd_unfused", torch.bfloat16, "fp32"),
-    ("lazy_adam_unfused", torch.float32, "fp32"),
-    ("lazy_adam_unfused", torch.bfloat16, "bf16"),
-    ("lazy_adamw_unfused", torch.float32, "bf16"),
-    ("lazy_adamw_unfused", torch.bfloat16, "fp32"),
-]
+] + UNFUSED_CASES
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
@@ -273,13 +277,7 @@ def serialised(state_dict):
     ("rowwise_adagrad", torch.bfloat16, "fp32"),  # fp32 accumulators on a bf16 table
     ("lazy_adam", torch.float32, "bf16"),  # bf16 moments on an fp32 table
     ("lazy_adamw", torch.bfloat16, "fp32"),
-    ("sgd_unfused", torch.float32, "fp32"),
-    ("sgd_unfused", torch.bfloat16, "fp32"),
-    ("lazy_adam_unfused", torch.float32, "fp32"),
-    ("lazy_adam_unfused", torch.bfloat16, "bf16"),
-    ("lazy_adamw_unfused", torch.float32, "bf16"),
-    ("lazy_adamw_unfused", torch.bfloat16, "fp32"),
-], ids=lambda v: str(v).replace("torch.", ""))
+] + UNFUSED_CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_state_dict_round_trip_continues_identically(kind, table_dtype, state_dtype):
     generator = torch.Generator().manual_seed(2)
     grads = [random_gradient(step, table_dtype, generator) for step in range(7)]
