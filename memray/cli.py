@@ -95,5 +95,45 @@ def evaluate(checkpoint, facts_path, limit, as_json):
     click.echo(f"recall {result['recall']:.3f} ({result['correct']}/{result['total']} facts, exact match)")
 
 
+@main.command()
+@click.option("--memory-params", required=True, help="Value-table parameters per pool: 128e9, 1.07B, 4M, 2000000.")
+@click.option("--value-dim", default="4096", show_default=True, help="Value dim D.")
+@click.option("--gpu-mem", required=True, help="Memory of one GPU: 80GiB, 80GB, 85899345920.")
+@click.option("--tokens-per-rank", default="16384", show_default=True,
+              help="Tokens each rank processes per step (its micro-batch): sizes lookup buffers and traffic.")
+@click.option("--heads", default="4", show_default=True, help="Memory heads.")
+@click.option("--knn", default="32", show_default=True, help="Values read per head and token.")
+@click.option("--memory-layers", default="3", show_default=True, help="Memory layers reading the pool(s).")
+@click.option("--pools", default="1", show_default=True, help="Value pools (1: one pool shared by the layers).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True, help="Value dtype.")
+@click.option("--optimizer", type=click.Choice(["rowwise_adagrad", "lazy_adam", "lazy_adamw", "sgd", "adamw"]),
+              default="rowwise_adagrad", show_default=True, help="Value-table optimizer.")
+@click.option("--dense-params", default="8e9", show_default=True, help="Dense-model parameters (ZeRO data parallel).")
+@click.option("--world", help="Report at this many ranks instead of the fewest that hold it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(as_json, dtype, optimizer, **options):
+    """Per-GPU memory and all-to-all traffic of a sharded value table, row and column layouts.
+
+    Memory is for the fullest rank (values, optimizer state, lookup buffers, the dense model
+    under ZeRO), against 90% of --gpu-mem; traffic is what one rank sends per step.
+
+    \b
+    Example:
+      memray plan --memory-params 128e9 --gpu-mem 80GiB
+    """
+    from memray.distributed.plan import BYTE_UNITS, COUNT_UNITS, format_plan, make_plan, parse_quantity
+
+    values = {}
+    for name, text in options.items():
+        if text is not None:  # --world is optional
+            units = BYTE_UNITS if name == "gpu_mem" else COUNT_UNITS
+            minimum = 0 if name == "dense_params" else 1
+            values[name] = parse_quantity(text, "--" + name.replace("_", "-"), units, minimum)
+    if values["value_dim"] > values["memory_params"]:
+        raise UserError(f"--value-dim: {values['value_dim']} is larger than --memory-params {values['memory_params']}")
+    result = make_plan(dtype=dtype, optimizer=optimizer, **values)
+    click.echo(json.dumps(result) if as_json else format_plan(result))
+
+
 if __name__ == "__main__":
     main()

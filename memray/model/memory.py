@@ -41,6 +41,9 @@ class MemoryConfig:
     value_weight_decay: float = 0.0
     track_usage: bool = True
     backend: Literal["auto", "torch", "triton"] = "auto"
+    # Sharding over ranks (memray.distributed); ignored by a single process.
+    layout: Literal["row", "column"] = "row"  # row: ranks own row ranges; column: value-dim slices
+    parallel_size: int | None = None  # ranks per memory-parallel group; None: the whole world
 
     def __post_init__(self):
         if self.heads < 1:
@@ -63,6 +66,8 @@ class MemoryConfig:
                 raise ConfigError(name, f"must be in [0, 1), got {p}")
         if self.value_lr is not None and self.value_lr <= 0:
             raise ConfigError("value_lr", f"must be > 0 or null, got {self.value_lr}")
+        if self.parallel_size is not None and self.parallel_size < 1:
+            raise ConfigError("parallel_size", f"must be >= 1 or null, got {self.parallel_size}")
 
     @property
     def num_slots(self) -> int:
@@ -103,18 +108,23 @@ class ValueTable(nn.Module):
         # Cumulative since the table was created; saved with the weights.
         self.register_buffer("usage_count", torch.empty(num_rows, dtype=torch.int64, device=device))
         self.register_buffer("usage_mass", torch.empty(num_rows, dtype=torch.float32, device=device))
+        self.init_seed = draw_init_seed()  # drawn once: re-initialising gives the same table
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if self.weight.is_meta:
             return
         with torch.no_grad():
-            self.weight.normal_(0.0, self.init_std)
+            init_value_rows(self.weight, self.init_seed, self.init_std)
             self.usage_count.zero_()
             self.usage_mass.zero_()
 
-    def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``indices``/``weights`` [tokens, lookups] -> bags [tokens, dim] (fp32 accumulation)."""
+    def forward(self, indices: torch.Tensor, weights: torch.Tensor, *, record: bool = False) -> torch.Tensor:
+        """``indices``/``weights`` [tokens, lookups] -> bags [tokens, dim] (fp32 accumulation).
+
+        ``record``: add these lookups to the usage statistics (``record_usage``)."""
+        if record:
+            self.record_usage(indices, weights.detach())
         return embedding_bag(indices, weights, self.weight, sparse_grad=self.sparse_grad, backend=self.backend)
 
     @torch.no_grad()
@@ -125,6 +135,38 @@ class ValueTable(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_rows={self.num_rows}, dim={self.dim}, sparse_grad={self.sparse_grad}"
+
+
+INIT_BLOCK_ROWS = 1 << 16
+
+
+@torch.no_grad()
+def init_value_rows(out: torch.Tensor, seed: int, std: float, shape: tuple[int, int] | None = None,
+                    row_start: int = 0, col_start: int = 0) -> None:
+    """Fill ``out`` with its part (rows from ``row_start``, columns from ``col_start``) of a
+    ``shape`` table (default: ``out``'s) drawn from N(0, std).
+
+    The table is drawn in blocks of ``INIT_BLOCK_ROWS`` rows, block ``b`` whole (torch's normal
+    sampler depends on the tensor size) from a generator seeded with ``seed + b``, so a shard (a
+    row range, a column slice) is generated alone and equals the same part of the whole table:
+    a sharded pool starts exactly as an unsharded one.
+    """
+    num_rows, dim = out.shape if shape is None else shape
+    rows, cols = out.shape
+    if rows == 0:
+        return
+    generator = torch.Generator()
+    for block in range(row_start // INIT_BLOCK_ROWS, (row_start + rows - 1) // INIT_BLOCK_ROWS + 1):
+        first = block * INIT_BLOCK_ROWS
+        lo, hi = max(first, row_start), min(first + INIT_BLOCK_ROWS, row_start + rows)
+        generator.manual_seed(seed + block)
+        values = torch.empty(min(INIT_BLOCK_ROWS, num_rows - first), dim).normal_(0.0, std, generator=generator)
+        out[lo - row_start:hi - row_start].copy_(values[lo - first:hi - first, col_start:col_start + cols])
+
+
+def draw_init_seed() -> int:
+    """One draw from torch's global generator: the seed of a value table's initialisation."""
+    return int(torch.randint(0, 2**62, (), device="cpu").item())
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -273,11 +315,9 @@ class ProductKeyMemory(nn.Module):
         weights = F.dropout(torch.softmax(scores, dim=-1), c.value_dropout, self.training)
         table = self.values if values is None else values
         num_tokens = x.shape[0]
-        rows = rows.view(num_tokens, -1)  # [T, heads * knn]: all heads form one bag
-        weights = weights.view(num_tokens, -1)
-        if self.training and c.track_usage:
-            table.record_usage(rows, weights.detach())
-        y = table(rows, weights)  # [T, v_dim]
+        rows = rows.view(num_tokens, c.heads * c.knn)  # all heads form one bag
+        weights = weights.view(num_tokens, c.heads * c.knn)
+        y = table(rows, weights, record=self.training and c.track_usage)  # [T, v_dim]
         if c.swilu:
             y = self.out_proj(y.to(x.dtype) * F.silu(self.swilu_proj(x)))
         elif self.v_dim != self.dim:

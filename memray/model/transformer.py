@@ -101,25 +101,44 @@ class Block(nn.Module):
         return x + self.ffn(h)
 
 
+def pool_names(config: ModelConfig) -> list[str]:
+    """The model's value pools, in the order they are built (and their init seeds drawn)."""
+    return list(dict.fromkeys(config.pool_of().values()))
+
+
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, device=None):
+    """``pools``: value tables built outside the model (e.g. sharded ones), one per name of
+    :func:`pool_names`. They are used by the memory layers but not registered as submodules,
+    so they are not in ``parameters()`` or ``state_dict()``: their owner trains and saves them.
+    Without it the model builds and owns ``self.pools``."""
+
+    def __init__(self, config: ModelConfig, device=None, pools: Mapping[str, ValueTable] | None = None):
         super().__init__()
         c = config
         self.config = c
         v_dim = c.memory.v_dim or c.dim
-        self.pools = nn.ModuleDict(
-            {
-                name: ValueTable(
-                    c.memory.num_slots, v_dim, init_std=c.memory.value_init_std, backend=c.memory.backend,
-                    lr=c.memory.value_lr, weight_decay=c.memory.value_weight_decay, device=device,
-                )
-                for name in dict.fromkeys(c.pool_of().values())
-            }
-        )
+        if pools is None:
+            self.pools = nn.ModuleDict(
+                {
+                    name: ValueTable(
+                        c.memory.num_slots, v_dim, init_std=c.memory.value_init_std, backend=c.memory.backend,
+                        lr=c.memory.value_lr, weight_decay=c.memory.value_weight_decay, device=device,
+                    )
+                    for name in pool_names(c)
+                }
+            )
+            self._external_pools = None
+        else:
+            missing = [name for name in pool_names(c) if name not in pools]
+            if missing:
+                raise ValueError(f"pools {missing} are missing from the pools given to the model")
+            self.pools = nn.ModuleDict()
+            self._external_pools = dict(pools)
+        tables = self.value_tables()
         pool_of = c.pool_of()
         self.embed = nn.Embedding(c.vocab_size, c.dim, device=device)
         self.blocks = nn.ModuleList(
-            Block(c, i, self.pools[pool_of[i]] if i in pool_of else None, device=device) for i in range(c.n_layers)
+            Block(c, i, tables[pool_of[i]] if i in pool_of else None, device=device) for i in range(c.n_layers)
         )
         self.norm = RMSNorm(c.dim, c.norm_eps, device=device)
         self.head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False, device=device)
@@ -142,10 +161,15 @@ class Transformer(nn.Module):
             block.attn.proj.weight.normal_(0.0, c.init_std / math.sqrt(2 * c.n_layers))
             if isinstance(block.ffn, SwiGLU):
                 block.ffn.down.weight.normal_(0.0, c.init_std / math.sqrt(2 * c.n_layers))
-        # components with their own schemes (memory layers: the paper's) run last and win
+        # components with their own schemes (memory layers: the paper's) run last and win; pools
+        # given from outside were initialised by their owner
         for module in self.modules():
             if isinstance(module, (RMSNorm, Rotary, ProductKeyMemory, MoE, ValueTable)):
                 module.reset_parameters()
+
+    def value_tables(self) -> dict[str, ValueTable]:
+        """Pool name -> value table, whether the model owns the pools or was given them."""
+        return dict(self.pools.items()) if self._external_pools is None else dict(self._external_pools)
 
     def memory_layers(self) -> list[ProductKeyMemory]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, ProductKeyMemory)]
@@ -174,6 +198,7 @@ class Transformer(nn.Module):
 
 
 def count_parameters(model: Transformer) -> dict[str, int]:
-    memory = sum(p.numel() for p in model.pools.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    return {"total": total, "memory": memory, "dense": total - memory}
+    """Parameters of the whole model; a sharded pool counts its full size (``num_rows * dim``)."""
+    memory = sum(t.num_rows * t.dim for t in model.value_tables().values())
+    dense = sum(p.numel() for p in model.dense_parameters())
+    return {"total": dense + memory, "memory": memory, "dense": dense}

@@ -1,0 +1,290 @@
+"""A value pool sharded over the ranks of a memory-parallel group.
+
+``ShardedValueTable`` has the interface of :class:`memray.model.ValueTable`
+(``forward(indices, weights, record=...)`` -> bags, ``num_rows``, ``dim``, ``lr``, ...) and
+computes the same bags; only where the rows live changes. Every rank passes the lookups of its
+own tokens; the call is collective (all ranks of the group call it, in the same order, in
+forward and in backward).
+
+* **row layout**: rank r owns a contiguous, balanced row range. Forward buckets the
+  (row, weight) entries by owner, sorted by (owner, token), and sends each owner its entries
+  (12 bytes each: int32 local row, int32 bag number, fp32 weight) with one ``all_to_all_single``
+  of uneven splits. Each owner sums its rows into one partial bag per (source token) with the
+  embedding-bag kernels; the partial bags return by all-to-all and are added per token.
+  Backward sends each partial bag's gradient to its owner, which computes the gradient of its
+  own rows (row-sparse) and of the weights, and returns the weight gradients.
+* **column layout** (the paper's): rank r owns a slice of the value dimension for every row.
+  Indices and weights are gathered from all ranks (12 bytes per entry per rank), each rank bags
+  its slice for every token and returns each rank's token rows of it; backward returns the
+  output-gradient slices and sums the per-slice weight gradients.
+
+No collective of the table or of its gradient ever happens: each rank keeps and updates its
+shard alone. Traffic counters (``stats``) count bytes that leave or reach this rank, which
+``memray.distributed.plan.lookup_traffic`` predicts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from memray.kernels import bag_backward, bag_forward
+from memray.model.memory import draw_init_seed, init_value_rows
+
+from .plan import balanced_ranges
+
+
+@dataclass
+class LookupStats:
+    """Counters since the last ``reset``: entries this rank looked up in its shard, and bytes
+    it sent to / received from other ranks (forward and backward)."""
+
+    rows_served: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def reset(self) -> "LookupStats":
+        out = LookupStats(self.rows_served, self.bytes_sent, self.bytes_received)
+        self.rows_served = self.bytes_sent = self.bytes_received = 0
+        return out
+
+
+def _exchange(send: torch.Tensor, send_splits: list[int], recv_splits: list[int], table: "ShardedValueTable") -> torch.Tensor:
+    """``all_to_all_single`` with uneven splits along dim 0, counting off-rank bytes."""
+    send = send.contiguous()
+    recv = send.new_empty((sum(recv_splits), *send.shape[1:]))
+    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=table.group)
+    row_bytes = send[0:1].numel() * send.element_size() if send.dim() > 1 else send.element_size()
+    me = table.rank
+    table.stats.bytes_sent += (sum(send_splits) - send_splits[me]) * row_bytes
+    table.stats.bytes_received += (sum(recv_splits) - recv_splits[me]) * row_bytes
+    return recv
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+class _RowLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weights, shard, indices, table, record):
+        W, me = table.world, table.rank
+        T, L = indices.shape
+        device = indices.device
+        owner = torch.bucketize(indices.reshape(-1), table.row_starts[1:], right=True)
+        token = torch.arange(T, device=device).repeat_interleave(L)
+        key, order = torch.sort(owner * T + token, stable=True)
+        new_bag = torch.ones_like(key, dtype=torch.bool)
+        new_bag[1:] = key[1:] != key[:-1]
+        bag_keys = key[new_bag]  # one (owner, token) pair per partial bag, sorted
+        bag_owner, bag_token = bag_keys // max(T, 1), bag_keys % max(T, 1)
+        entries_out = torch.bincount(owner, minlength=W)
+        bags_out = torch.bincount(bag_owner, minlength=W)
+        owner_sorted = owner[order]
+        bag_local = torch.cumsum(new_bag, 0) - 1 - _exclusive_cumsum(bags_out)[owner_sorted]
+        payload = torch.stack(
+            [
+                (indices.reshape(-1)[order] - table.row_starts[owner_sorted]).to(torch.int32),
+                bag_local.to(torch.int32),
+                weights.reshape(-1)[order].to(torch.float32).view(torch.int32),
+            ],
+            dim=1,
+        )
+        counts_in = _exchange(torch.stack([entries_out, bags_out], 1), [1] * W, [1] * W, table)
+        entries_out, bags_out = entries_out.tolist(), bags_out.tolist()
+        entries_in, bags_in = counts_in[:, 0].tolist(), counts_in[:, 1].tolist()
+        received = _exchange(payload, entries_out, entries_in, table)
+        rows = received[:, 0].long()
+        w = received[:, 1:].contiguous().view(torch.float32)[:, 1].contiguous()
+        # bag numbers are per source; entries arrive grouped by source, then by bag (CSR order)
+        source = torch.repeat_interleave(torch.arange(W, device=device), torch.tensor(entries_in, device=device))
+        bag = received[:, 1].long() + _exclusive_cumsum(torch.tensor(bags_in, device=device))[source]
+        num_bags_in = sum(bags_in)
+        offsets = torch.zeros(num_bags_in + 1, dtype=torch.int64, device=device)
+        torch.cumsum(torch.bincount(bag, minlength=num_bags_in), 0, out=offsets[1:])
+        table.stats.rows_served += rows.numel()
+        if record:
+            table.record_owned(rows, w)
+        partial = bag_forward(rows, w, shard, offsets, table.backend)  # [bags_in, D]
+        returned = _exchange(partial, bags_in, bags_out, table)  # [bags_out, D], bag_keys order
+        out = torch.zeros(T, shard.shape[1], dtype=partial.dtype, device=device).index_add_(0, bag_token, returned)
+        ctx.save_for_backward(shard, rows, w, offsets, order, bag_token)
+        ctx.splits = (entries_out, entries_in, bags_out, bags_in)
+        ctx.table, ctx.weights_shape, ctx.weights_dtype = table, weights.shape, weights.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        shard, rows, w, offsets, order, bag_token = ctx.saved_tensors
+        entries_out, entries_in, bags_out, bags_in = ctx.splits
+        table = ctx.table
+        need_w, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_bags = _exchange(grad_out.index_select(0, bag_token).to(w.dtype), bags_out, bags_in, table)
+        grad_w_in, unique_rows, row_grads = bag_backward(
+            grad_bags, rows, w, shard, offsets, table.backend, need_weights_grad=need_w, need_table_grad=need_t
+        )
+        grad_weights = None
+        if need_w:
+            grad_sorted = _exchange(grad_w_in.to(torch.float32), entries_in, entries_out, table)
+            grad_weights = torch.empty_like(grad_sorted).index_copy_(0, order, grad_sorted)
+            grad_weights = grad_weights.view(ctx.weights_shape).to(ctx.weights_dtype)
+        return grad_weights, table.shard_grad(unique_rows, row_grads) if need_t else None, None, None, None
+
+
+class _ColumnLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weights, shard, indices, table, record):
+        W = table.world
+        T, L = indices.shape
+        device = indices.device
+        tokens_in = _exchange(torch.full((W,), T, dtype=torch.int64, device=device), [1] * W, [1] * W, table).tolist()
+        entries_in = [t * L for t in tokens_in]
+        all_rows = _exchange(indices.reshape(-1).repeat(W), [T * L] * W, entries_in, table)
+        all_w = _exchange(weights.reshape(-1).to(torch.float32).repeat(W), [T * L] * W, entries_in, table)
+        offsets = torch.arange(0, sum(entries_in) + 1, L, dtype=torch.int64, device=device)
+        table.stats.rows_served += all_rows.numel()
+        if record:
+            table.record_owned(all_rows, all_w)
+        partial = bag_forward(all_rows, all_w, shard, offsets, table.backend)  # [sum T_s, D_r]
+        widths = table.col_widths
+        pieces = _exchange(partial.reshape(-1), [t * shard.shape[1] for t in tokens_in], [T * d for d in widths], table)
+        out = torch.cat([p.view(T, d) for p, d in zip(pieces.split([T * d for d in widths]), widths)], dim=1)
+        ctx.save_for_backward(shard, all_rows, all_w, offsets)
+        ctx.tokens = (T, L, tokens_in)
+        ctx.table, ctx.weights_shape, ctx.weights_dtype = table, weights.shape, weights.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        shard, all_rows, all_w, offsets = ctx.saved_tensors
+        T, L, tokens_in = ctx.tokens
+        table = ctx.table
+        W, widths = table.world, table.col_widths
+        need_w, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        slices = torch.cat([s.reshape(-1) for s in grad_out.to(all_w.dtype).split(widths, dim=1)])
+        grad_partial = _exchange(slices, [T * d for d in widths], [t * shard.shape[1] for t in tokens_in], table)
+        grad_w_all, unique_rows, row_grads = bag_backward(
+            grad_partial.view(-1, shard.shape[1]), all_rows, all_w, shard, offsets, table.backend,
+            need_weights_grad=need_w, need_table_grad=need_t,
+        )
+        grad_weights = None
+        if need_w:
+            parts = _exchange(grad_w_all.to(torch.float32), [t * L for t in tokens_in], [T * L] * W, table)
+            grad_weights = parts.view(W, T * L).sum(0).view(ctx.weights_shape).to(ctx.weights_dtype)
+        return grad_weights, table.shard_grad(unique_rows, row_grads) if need_t else None, None, None, None
+
+
+class ShardedValueTable(nn.Module):
+    """A ``num_rows x dim`` value pool of which this rank holds ``weight`` (its shard).
+
+    ``weight`` is [rows of ``row_range``, columns of ``col_range``]; usage buffers cover the rows
+    this rank looks up: its own rows (row layout) or every row (column layout, where every
+    rank sees every lookup). The initial table equals the unsharded :class:`ValueTable` drawn
+    from the same seed (``init_seed``; by default one draw from torch's global generator, as an
+    unsharded table makes).
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        layout: str = "row",
+        init_std: float | None = None,
+        init_seed: int | None = None,
+        sparse_grad: bool = True,
+        backend: str = "auto",
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if layout not in ("row", "column"):
+            raise ValueError(f"layout must be 'row' or 'column', got {layout!r}")
+        self.num_rows, self.dim, self.layout = num_rows, dim, layout
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.init_std = dim**-0.5 if init_std is None else init_std
+        self.init_seed = draw_init_seed() if init_seed is None else init_seed
+        self.sparse_grad, self.backend, self.lr, self.weight_decay = sparse_grad, backend, lr, weight_decay
+        if layout == "row":
+            ranges = balanced_ranges(num_rows, self.world)
+            self.row_range, self.col_range = ranges[self.rank], (0, dim)
+            self.col_widths = [dim] * self.world
+            starts = [start for start, _ in ranges]
+        else:
+            ranges = balanced_ranges(dim, self.world)
+            self.row_range, self.col_range = (0, num_rows), ranges[self.rank]
+            self.col_widths = [stop - start for start, stop in ranges]
+            starts = [0]
+        self.register_buffer("row_starts", torch.tensor(starts, dtype=torch.int64, device=device), persistent=False)
+        rows = self.row_range[1] - self.row_range[0]
+        cols = self.col_range[1] - self.col_range[0]
+        self.weight = nn.Parameter(torch.empty(rows, cols, device=device, dtype=dtype))
+        self.register_buffer("usage_count", torch.zeros(rows, dtype=torch.int64, device=device))
+        self.register_buffer("usage_mass", torch.zeros(rows, dtype=torch.float32, device=device))
+        self.stats = LookupStats()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        with torch.no_grad():
+            init_value_rows(self.weight, self.init_seed, self.init_std, (self.num_rows, self.dim), self.row_range[0], self.col_range[0])
+            self.usage_count.zero_()
+            self.usage_mass.zero_()
+
+    def forward(self, indices: torch.Tensor, weights: torch.Tensor, *, record: bool = False) -> torch.Tensor:
+        """``indices``/``weights`` [tokens, lookups] of this rank's tokens -> bags [tokens, dim]."""
+        fn = _RowLookup if self.layout == "row" else _ColumnLookup
+        return fn.apply(weights, self.weight, indices, self, bool(record))
+
+    @torch.no_grad()
+    def record_owned(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
+        """Usage of rows of this rank's shard (indices relative to ``row_range``)."""
+        self.usage_count.index_add_(0, rows, torch.ones_like(rows))
+        self.usage_mass.index_add_(0, rows, weights.to(self.usage_mass.dtype))
+
+    def shard_grad(self, unique_rows: torch.Tensor, row_grads: torch.Tensor) -> torch.Tensor:
+        if self.sparse_grad:
+            return torch.sparse_coo_tensor(
+                unique_rows[None], row_grads, self.weight.shape, is_coalesced=True, check_invariants=False
+            )
+        return torch.zeros_like(self.weight).index_copy_(0, unique_rows, row_grads)
+
+    @torch.no_grad()
+    def gather_usage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Usage of every row (count, mass), assembled on every rank (collective)."""
+        if self.layout == "column" or self.world == 1:
+            return self.usage_count.clone(), self.usage_mass.clone()
+        return self._gather_rows(self.usage_count), self._gather_rows(self.usage_mass)
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The whole table assembled on every rank (collective; for tests and small tables)."""
+        if self.world == 1:
+            return self.weight.detach().clone()
+        if self.layout == "row":
+            return self._gather_rows(self.weight.detach())
+        return self._gather_rows(self.weight.detach().t()).t().contiguous()
+
+    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``local`` along dim 0 (sizes may differ by one)."""
+        sizes = [torch.zeros((), dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor(local.shape[0]), group=self.group)
+        sizes = [int(n) for n in sizes]
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(pieces, padded, group=self.group)
+        return torch.cat([p[:n] for p, n in zip(pieces, sizes)])
+
+    def extra_repr(self) -> str:
+        return (f"num_rows={self.num_rows}, dim={self.dim}, layout={self.layout}, rank={self.rank}/{self.world}, "
+                f"rows={self.row_range}, cols={self.col_range}")

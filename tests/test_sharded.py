@@ -1,0 +1,140 @@
+"""Sharded value tables on real processes (gloo): they must equal the unsharded layer.
+
+Each world size runs in one spawn; inside it every case checks both layouts. Rows (49) and the
+value dim (29) are divisible by none of the world sizes 2, 3, 4.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+from memray.distributed import ParallelDims, ShardedValueTable, init_distributed, spawn
+from memray.errors import ConfigError
+from memray.kernels import embedding_bag
+from memray.model import MemoryConfig, ProductKeyMemory
+
+TOL = 1e-5
+DIM, V_DIM = 32, 29
+CONFIG = MemoryConfig(n_keys=7, heads=2, knn=4, k_dim=16, v_dim=V_DIM, qk_norm=True, value_lr=None)
+
+
+def _shard_of(full: torch.Tensor, table: ShardedValueTable) -> torch.Tensor:
+    (r0, r1), (c0, c1) = table.row_range, table.col_range
+    return full[r0:r1, c0:c1]
+
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_dense() if grad.is_sparse else grad
+
+
+def _layer_case(ctx, layout: str, tokens_per_rank: list[int]) -> dict:
+    """A whole memory layer: outputs and every gradient against the unsharded layer."""
+    rank, world = ctx.rank, ctx.world_size
+    torch.manual_seed(0)
+    reference = ProductKeyMemory(DIM, CONFIG)
+    torch.manual_seed(0)
+    table = ShardedValueTable(CONFIG.num_slots, V_DIM, group=ctx.memory_group, layout=layout, init_seed=reference.values.init_seed)
+    sharded = ProductKeyMemory(DIM, CONFIG, values=table)
+    sharded.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("value_table.")}, strict=False)
+    errors = {"init": (table.weight - _shard_of(reference.values.weight, table)).abs().max().item()}
+
+    generator = torch.Generator().manual_seed(1)
+    total = sum(tokens_per_rank)
+    x = torch.randn(total, DIM, generator=generator)
+    g = torch.randn(total, DIM, generator=generator)
+    start = sum(tokens_per_rank[:rank])
+    mine = slice(start, start + tokens_per_rank[rank])
+
+    y_ref = reference(x)
+    (y_ref * g).sum().backward()
+    y = sharded(x[mine])
+    (y * g[mine]).sum().backward()
+    errors["forward"] = (y - y_ref[mine]).abs().max().item() if y.numel() else 0.0
+    # dense gradients come from this rank's tokens only: summed over ranks they are the batch's
+    for (name, p), p_ref in zip(sharded.named_parameters(), reference.parameters()):
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        if p is table.weight:
+            errors["values"] = (_dense(grad) - _dense(reference.values.weight.grad).__getitem__(
+                (slice(*table.row_range), slice(*table.col_range)))).abs().max().item()
+            continue
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        errors[name] = (grad - p_ref.grad).abs().max().item()
+    served = torch.tensor([table.stats.rows_served])
+    dist.all_reduce(served)
+    errors["rows_served_total"] = int(served)
+    return errors
+
+
+def _one_rank_case(ctx, layout: str) -> dict:
+    """Every lookup of every rank lands in rank 0's rows; ranks hold uneven token counts."""
+    rank, world = ctx.rank, ctx.world_size
+    num_rows, dim, lookups = 49, V_DIM, 6
+    table = ShardedValueTable(num_rows, dim, group=ctx.memory_group, layout=layout, init_seed=123)
+    full = table.full_weight()
+    hi = 49 // world if world > 1 else 49  # rank 0 owns at least 49 // world rows
+    generator = torch.Generator().manual_seed(7)
+    counts = [3 + 2 * r for r in range(world)]
+    indices = torch.randint(0, hi, (sum(counts), lookups), generator=generator)
+    weights = torch.randn(sum(counts), lookups, generator=generator)
+    grads = torch.randn(sum(counts), dim, generator=generator)
+    start = sum(counts[:rank])
+    mine = slice(start, start + counts[rank])
+
+    ref_table = full.clone().requires_grad_()
+    ref_w = weights.clone().requires_grad_()
+    y_ref = embedding_bag(indices, ref_w, ref_table, sparse_grad=False, backend="torch")
+    (y_ref * grads).sum().backward()
+    w = weights[mine].clone().requires_grad_()
+    y = table(indices[mine], w)
+    (y * grads[mine]).sum().backward()
+    return {
+        "forward": (y - y_ref[mine]).abs().max().item(),
+        "weights": (w.grad - ref_w.grad[mine]).abs().max().item(),
+        "values": (_dense(table.weight.grad) - _shard_of(ref_table.grad, table)).abs().max().item(),
+        "rows_served": table.stats.rows_served,
+    }
+
+
+def _equivalence_worker():
+    ctx = init_distributed("gloo")
+    world = ctx.world_size
+    out = {}
+    for layout in ("row", "column"):
+        out[f"{layout}/layer"] = _layer_case(ctx, layout, [5 + 3 * r for r in range(world)])
+        out[f"{layout}/layer-empty-rank0"] = _layer_case(ctx, layout, [0] + [4] * (world - 1)) if world > 1 else {}
+        out[f"{layout}/one-rank"] = _one_rank_case(ctx, layout)
+    dist.destroy_process_group()
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sharded_layer_equals_unsharded(world):
+    results = spawn(_equivalence_worker, world)
+    lookups = CONFIG.heads * CONFIG.knn
+    for rank, cases in enumerate(results):
+        for case, errors in cases.items():
+            for key, value in errors.items():
+                if key == "rows_served_total":
+                    tokens = sum(5 + 3 * r for r in range(world)) if case.endswith("/layer") else 4 * (world - 1)
+                    # row layout: every lookup is served once; column: once by every rank
+                    assert value == tokens * lookups * (1 if case.startswith("row") else world), (case, value)
+                elif key == "rows_served":
+                    if case.startswith("row"):
+                        assert (value > 0) == (rank == 0), (rank, case, value)  # only rank 0 serves
+                else:
+                    assert value <= TOL, f"world {world} rank {rank} {case} {key}: {value}"
+
+
+@pytest.mark.parametrize(
+    "world,memory,rows,dim,layout,key",
+    [
+        (4, 2, 64, 8, "row", "model.memory.parallel_size"),  # checked before any process starts
+        (4, None, 3, 8, "row", "model.memory.n_keys"),  # more ranks than rows
+        (4, None, 64, 3, "column", "model.memory.v_dim"),  # more ranks than value columns
+        (0, None, 64, 8, "row", "distributed.workers"),
+    ],
+)
+def test_bad_world_sizes_are_config_errors(world, memory, rows, dim, layout, key):
+    with pytest.raises(ConfigError) as info:
+        ParallelDims(world, memory).check_table(rows, dim, layout)
+    assert info.value.key == key
