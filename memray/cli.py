@@ -46,18 +46,26 @@ def main(ctx, debug):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default runs/<name>-<timestamp>).")
 @click.option("--no-progress", is_flag=True, help="Log lines instead of a progress bar.")
-def train(config, overrides, run_dir, no_progress):
+@click.option("--workers", type=int, help="Train on N local processes (DeepSpeed ZeRO + sharded value pools; "
+              "sets distributed.workers). Without it: one process.")
+def train(config, overrides, run_dir, no_progress, workers):
     """Train a model from CONFIG: a bundled config name or a YAML file.
 
     \b
     Example:
       memray train tiny --set train.steps=50 --set model.memory.knn=16
+      memray train tiny --workers 2 --set distributed.zero_stage=2 --set model.memory.layout=column
     """
-    from memray.train import Trainer, load_run_config
+    from memray.train import Trainer, load_run_config, train_local
 
+    if workers is not None:
+        overrides = [*overrides, f"distributed.workers={workers}"]
     run_config = load_run_config(config, list(overrides))
-    trainer = Trainer(run_config, run_dir=run_dir, progress=not no_progress and sys.stderr.isatty())
-    result = trainer.fit()
+    progress = not no_progress and sys.stderr.isatty()
+    if run_config.distributed.workers >= 1:
+        result = train_local(run_config, run_dir, progress)
+    else:
+        result = Trainer(run_config, run_dir=run_dir, progress=progress).fit()
     click.echo(json.dumps(result))
 
 

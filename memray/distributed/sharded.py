@@ -63,6 +63,11 @@ def _exchange(send: torch.Tensor, send_splits: list[int], recv_splits: list[int]
     return recv
 
 
+def _wire_dtype(weights: torch.Tensor) -> torch.dtype:
+    """Weights travel as fp32 (fp64 for an fp64 layer, as in reference checks)."""
+    return torch.promote_types(weights.dtype, torch.float32)
+
+
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(x, 0) - x
 
@@ -84,11 +89,13 @@ class _RowLookup(torch.autograd.Function):
         bags_out = torch.bincount(bag_owner, minlength=W)
         owner_sorted = owner[order]
         bag_local = torch.cumsum(new_bag, 0) - 1 - _exclusive_cumsum(bags_out)[owner_sorted]
-        payload = torch.stack(
+        # one int32 message per entry: local row, bag number, the weight's bits (1 or 2 words)
+        wdtype = _wire_dtype(weights)
+        payload = torch.cat(
             [
-                (indices.reshape(-1)[order] - table.row_starts[owner_sorted]).to(torch.int32),
-                bag_local.to(torch.int32),
-                weights.reshape(-1)[order].to(torch.float32).view(torch.int32),
+                (indices.reshape(-1)[order] - table.row_starts[owner_sorted]).to(torch.int32)[:, None],
+                bag_local.to(torch.int32)[:, None],
+                weights.reshape(-1)[order].to(wdtype).contiguous().view(torch.int32).view(owner.numel(), wdtype.itemsize // 4),
             ],
             dim=1,
         )
@@ -97,7 +104,7 @@ class _RowLookup(torch.autograd.Function):
         entries_in, bags_in = counts_in[:, 0].tolist(), counts_in[:, 1].tolist()
         received = _exchange(payload, entries_out, entries_in, table)
         rows = received[:, 0].long()
-        w = received[:, 1:].contiguous().view(torch.float32)[:, 1].contiguous()
+        w = received[:, 2:].contiguous().view(wdtype).reshape(-1)
         # bag numbers are per source; entries arrive grouped by source, then by bag (CSR order)
         source = torch.repeat_interleave(torch.arange(W, device=device), torch.tensor(entries_in, device=device))
         bag = received[:, 1].long() + _exclusive_cumsum(torch.tensor(bags_in, device=device))[source]
@@ -128,7 +135,7 @@ class _RowLookup(torch.autograd.Function):
         )
         grad_weights = None
         if need_w:
-            grad_sorted = _exchange(grad_w_in.to(torch.float32), entries_in, entries_out, table)
+            grad_sorted = _exchange(grad_w_in.to(w.dtype), entries_in, entries_out, table)
             grad_weights = torch.empty_like(grad_sorted).index_copy_(0, order, grad_sorted)
             grad_weights = grad_weights.view(ctx.weights_shape).to(ctx.weights_dtype)
         return grad_weights, table.shard_grad(unique_rows, row_grads) if need_t else None, None, None, None
@@ -143,7 +150,7 @@ class _ColumnLookup(torch.autograd.Function):
         tokens_in = _exchange(torch.full((W,), T, dtype=torch.int64, device=device), [1] * W, [1] * W, table).tolist()
         entries_in = [t * L for t in tokens_in]
         all_rows = _exchange(indices.reshape(-1).repeat(W), [T * L] * W, entries_in, table)
-        all_w = _exchange(weights.reshape(-1).to(torch.float32).repeat(W), [T * L] * W, entries_in, table)
+        all_w = _exchange(weights.reshape(-1).to(_wire_dtype(weights)).repeat(W), [T * L] * W, entries_in, table)
         offsets = torch.arange(0, sum(entries_in) + 1, L, dtype=torch.int64, device=device)
         table.stats.rows_served += all_rows.numel()
         if record:
@@ -173,7 +180,7 @@ class _ColumnLookup(torch.autograd.Function):
         )
         grad_weights = None
         if need_w:
-            parts = _exchange(grad_w_all.to(torch.float32), [t * L for t in tokens_in], [T * L] * W, table)
+            parts = _exchange(grad_w_all.to(all_w.dtype), [t * L for t in tokens_in], [T * L] * W, table)
             grad_weights = parts.view(W, T * L).sum(0).view(ctx.weights_shape).to(ctx.weights_dtype)
         return grad_weights, table.shard_grad(unique_rows, row_grads) if need_t else None, None, None, None
 
@@ -257,6 +264,20 @@ class ShardedValueTable(nn.Module):
                 unique_rows[None], row_grads, self.weight.shape, is_coalesced=True, check_invariants=False
             )
         return torch.zeros_like(self.weight).index_copy_(0, unique_rows, row_grads)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of ``x`` over the group (e.g. squared gradient norms of the shards)."""
+        x = x.clone()
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    @property
+    def row_mean_square(self):
+        """For the column layout: per-row sums of squares of this slice -> mean over the whole
+        row (collective), as row-wise Adagrad needs; None when this rank holds whole rows."""
+        if self.layout == "row" or self.world == 1:
+            return None
+        return lambda sums: self.all_reduce(sums).div_(self.dim)
 
     @torch.no_grad()
     def gather_usage(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -184,13 +184,13 @@ class Transformer(nn.Module):
         return sum(losses) if losses else torch.zeros((), device=self.embed.weight.device)
 
     def forward(self, tokens: torch.Tensor, pools: Mapping[str, ValueTable] | None = None) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab] (fp32)."""
+        """tokens [batch, seq] -> logits [batch, seq, vocab] (fp32; fp64 for an fp64 model)."""
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, pools)
         x = self.norm(x)
         logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
-        return logits.float()
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, pools=None) -> torch.Tensor:
         logits = self(tokens, pools)

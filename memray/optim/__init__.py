@@ -100,6 +100,7 @@ def build_value_optimizer(config: OptimConfig, tables) -> torch.optim.Optimizer 
     are built as before, without it).
     """
     name = config.value_optimizer
+    tables = list(tables)
     with_decay = name in ("adamw", "rowwise_adagrad", "lazy_adam", "lazy_adamw", "sgd")
     groups = []
     for table in tables:
@@ -119,7 +120,9 @@ def build_value_optimizer(config: OptimConfig, tables) -> torch.optim.Optimizer 
     if name == "adagrad":
         return torch.optim.Adagrad(groups) if config.value_eps is None else torch.optim.Adagrad(groups, eps=eps)
     if name == "rowwise_adagrad":
-        return RowWiseAdagrad(groups, eps=eps)
+        # a table split by columns (a sharded pool's column layout) supplies the whole-row mean
+        row_mean = {id(t.weight): t.row_mean_square for t in tables if getattr(t, "row_mean_square", None)}
+        return RowWiseAdagrad(groups, eps=eps, row_mean=row_mean)
     if name in ("lazy_adam", "lazy_adamw"):
         cls = LazyAdamW if name == "lazy_adamw" else LazyAdam
         return cls(groups, betas=betas, eps=eps, state_dtype=config.value_state_dtype)
@@ -127,18 +130,19 @@ def build_value_optimizer(config: OptimConfig, tables) -> torch.optim.Optimizer 
     return RowSparseSGD(groups)
 
 
-def grad_norm(params) -> torch.Tensor:
-    """L2 norm over the gradients of ``params``, dense or sparse COO (coalesced by clip_grads)."""
-    squares = []
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        squares.append((g._values() if g.is_sparse else g).float().pow(2).sum())
-    return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+def grad_norm(params, all_reduce=None) -> torch.Tensor:
+    """L2 norm over the gradients of ``params``, dense or sparse COO (coalesced by clip_grads).
+
+    ``all_reduce``: sums a tensor over the ranks that hold the other parts of ``params`` (the
+    shards of sharded pools), so every rank gets the norm of the whole; called on every rank."""
+    squares = [(p.grad._values() if p.grad.is_sparse else p.grad).float().pow(2).sum() for p in params if p.grad is not None]
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if all_reduce is not None:
+        total = all_reduce(total)
+    return total.sqrt()
 
 
-def clip_grads(params, max_norm: float | None) -> float:
+def clip_grads(params, max_norm: float | None, all_reduce=None) -> float:
     """Scale gradients so their joint norm is at most ``max_norm``; returns the norm before."""
     params = [p for p in params if p.grad is not None]
     for p in params:
@@ -146,7 +150,7 @@ def clip_grads(params, max_norm: float | None) -> float:
         # duplicate rows before measuring or scaling
         if p.grad.is_sparse and not p.grad.is_coalesced():
             p.grad = p.grad.coalesce()
-    norm = grad_norm(params)
+    norm = grad_norm(params, all_reduce)
     if max_norm is not None:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for p in params:

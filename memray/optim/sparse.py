@@ -243,22 +243,29 @@ class RowWiseAdagrad(RowSparseOptimizer):
 
     _state_dtypes = {"sum_sq": torch.float32}
 
-    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0, *, fused: bool = True):
+    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0, *, fused: bool = True,
+                 row_mean=None):
+        """``row_mean``: ``{id(table): f}`` for tables holding a slice of each row (the column
+        layout of a sharded pool): ``f(sums [U])`` turns this slice's per-row sums of squared
+        gradients into the mean over the whole row (summing over the slices' ranks)."""
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), fused)
+        self.row_mean = dict(row_mean or {})
 
     def _init_state(self, group, table, state):
         state["sum_sq"] = torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)
 
     def _step_rows(self, group, table, state, rows, rows_grad):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        if self.fused and rowwise_adagrad_(table.data, state["sum_sq"], rows, rows_grad, lr, eps, wd):
+        row_mean = self.row_mean.get(id(table))
+        if row_mean is None and self.fused and rowwise_adagrad_(table.data, state["sum_sq"], rows, rows_grad, lr, eps, wd):
             return
         weight = None
         if wd:
             weight = self._gather(table, rows, "weight")  # [U, D]
             rows_grad = torch.add(rows_grad, weight, alpha=wd, out=self._scratch("decayed", rows_grad))
         sum_sq = state["sum_sq"].index_select(0, rows)  # [U]
-        sum_sq.add_(torch.linalg.vecdot(rows_grad, rows_grad).div_(rows_grad.shape[1]))
+        squares = torch.linalg.vecdot(rows_grad, rows_grad)
+        sum_sq.add_(squares.div_(rows_grad.shape[1]) if row_mean is None else row_mean(squares))
         state["sum_sq"].index_copy_(0, rows, sum_sq)
         scale = sum_sq.sqrt_().add_(eps).reciprocal_().mul_(-lr)[:, None]  # [U, 1]
         if weight is None:

@@ -6,6 +6,7 @@ from typing import Literal
 
 from memray.config import load_config
 from memray.data import ByteTokenizer, DataConfig
+from memray.distributed.context import ParallelDims
 from memray.errors import ConfigError
 from memray.model import ModelConfig
 from memray.optim import OptimConfig
@@ -32,6 +33,21 @@ class TrainerConfig:
 
 
 @dataclass(kw_only=True)
+class DistributedConfig:
+    """How many processes train, and how (``memray train --workers N`` sets ``workers``)."""
+
+    workers: int = 0  # 0: one process, no process group; N >= 1: N ranks, DeepSpeed + sharded pools
+    zero_stage: int = 1  # DeepSpeed ZeRO stage for the dense parameters (0-3)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, else gloo
+
+    def __post_init__(self):
+        if self.workers < 0:
+            raise ConfigError("workers", f"must be >= 0, got {self.workers}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -40,12 +56,26 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError("data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.model.vocab_size < ByteTokenizer.vocab_size:
             raise ConfigError("model.vocab_size", f"must be >= {ByteTokenizer.vocab_size} for the byte tokenizer")
+        self.check_world()
+
+    def check_world(self) -> None:
+        """A run on ``distributed.workers`` ranks must give every rank rows of the batch and of
+        every value pool: checked before any process starts."""
+        workers = self.distributed.workers
+        if workers < 1:
+            return
+        dims = ParallelDims(workers, self.model.memory.parallel_size)
+        if self.model.memory_layers:
+            dims.check_table(self.model.memory.num_slots, self.model.memory.v_dim or self.model.dim, self.model.memory.layout)
+        if self.train.batch_size < workers:
+            raise ConfigError("train.batch_size", f"{self.train.batch_size} sequences cannot be split over {workers} workers")
 
 
 def load_run_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:

@@ -1,9 +1,20 @@
-"""Single-process training loop.
+"""The training loop, on one process or on the ranks of a process group.
 
-One step: forward and loss (fp32 or bf16 autocast), backward, separate gradient clipping for
-the dense parameters and the value pools, a dense AdamW step and a value-pool step (row-sparse
-unless the paper's dense AdamW is chosen), then the schedules. Everything a run produces goes to
-its run directory: ``config.yaml``, ``metrics.jsonl``, ``log.txt``, ``checkpoints/``.
+One step: forward and loss (fp32 or bf16 autocast), backward, gradient clipping of the dense
+parameters and, separately, of the value pools, a dense AdamW step and a value-pool step
+(row-sparse unless the paper's dense AdamW is chosen), then the schedules.
+
+On one process (``dist=None``) the model owns its pools and a torch AdamW trains the rest. On
+N ranks (``dist``: a :class:`memray.distributed.DistContext`) the pools are
+:class:`memray.distributed.ShardedValueTable` shards given to the model from outside, and the
+dense parameters train in a DeepSpeed ZeRO engine (``memray.train.deepspeed``). Every rank
+builds the same global batch and takes its balanced share of the sequences; its loss is its
+tokens' summed loss over the global batch's token count, so the gradients (averaged over ranks
+by DeepSpeed for dense parameters, summed over ranks by the lookups for the pools, then
+divided by N) are those of the single-process run on the same global batch.
+
+Everything a run produces goes to its run directory, written by rank 0: ``config.yaml``,
+``metrics.jsonl``, ``log.txt``, ``checkpoints/``.
 """
 from __future__ import annotations
 
@@ -15,13 +26,17 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from memray.checkpoint import save_checkpoint
 from memray.config import dump_yaml
 from memray.data import ByteTokenizer, PackedBatches, load_documents, write_facts
+from memray.data.packing import IGNORE_INDEX
+from memray.distributed.plan import balanced_ranges
 from memray.evaluate import fact_recall
 from memray.model import Transformer, count_parameters, usage_metrics
+from memray.model.transformer import pool_names
 from memray.optim import build_value_optimizer, clip_grads, dense_param_groups, lr_factor
 
 from .config import RunConfig
@@ -31,34 +46,142 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+class _LocalDense:
+    """Dense parameters on one process: a torch AdamW with decay groups."""
+
+    def __init__(self, model: Transformer, config: RunConfig):
+        o = config.optim
+        pool_ids = {id(t.weight) for t in model.value_tables().values()}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) not in pool_ids]
+        self.model, self.grad_clip = model, o.grad_clip
+        self.optimizer = torch.optim.AdamW(dense_param_groups(named, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+    def loss_sum(self, inputs, targets):
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self, lr: float) -> float:
+        norm = clip_grads(self.model.dense_parameters(), self.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.model.state_dict().items()}
+
+
+class _DeepSpeedDense:
+    """Dense parameters in a DeepSpeed engine (ZeRO stage from the config)."""
+
+    def __init__(self, model: Transformer, config: RunConfig, micro_batch: int, world_size: int):
+        from . import deepspeed as ds
+
+        self._ds = ds
+        self.engine = ds.build_engine(model, config, micro_batch, world_size)
+
+    def loss_sum(self, inputs, targets):
+        return self.engine(inputs, targets)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def step(self, lr: float) -> float:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._ds.consolidated_state_dict(self.engine)
+
+
 class Trainer:
-    def __init__(self, config: RunConfig, run_dir: str | Path | None = None, progress: bool = True):
+    def __init__(self, config: RunConfig, run_dir: str | Path | None = None, progress: bool = True, dist=None):
         self.config = config
+        self.dist = dist
+        self.rank, self.world = (dist.rank, dist.world_size) if dist else (0, 1)
         self.run_dir = Path(run_dir or config.run_dir or default_run_dir(config))
-        self.progress = progress
+        self.progress = progress and self.rank == 0
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         torch.manual_seed(config.seed)
         self.tokenizer = ByteTokenizer()
         documents, self.facts = load_documents(config.data, self.tokenizer)
+        # every rank draws the same global batch and keeps its own rows of it
         self.batches = PackedBatches(documents, config.data.seq_len, config.train.batch_size, self.tokenizer.pad_id, config.seed)
-        self.model = Transformer(config.model)
-        for table in self.model.pools.values():
-            table.sparse_grad = config.optim.sparse_values
+        shares = balanced_ranges(config.train.batch_size, self.world)
+        self.rows = slice(*shares[self.rank])
         o = config.optim
-        self.dense_params = self.model.dense_parameters()
-        pool_ids = {id(p) for p in self.model.pools.parameters()}
-        named = [(n, p) for n, p in self.model.named_parameters() if id(p) not in pool_ids]
-        self.optimizer = torch.optim.AdamW(
-            dense_param_groups(named, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
-        )
-        self.value_optimizer = build_value_optimizer(o, self.model.pools.values())
+        if dist is None:
+            self.model = Transformer(config.model)
+            self.dense = _LocalDense(self.model, config)
+        else:
+            from memray.distributed import ShardedValueTable
+
+            m = config.model.memory
+            pools = {
+                name: ShardedValueTable(
+                    m.num_slots, m.v_dim or config.model.dim, group=dist.memory_group, layout=m.layout,
+                    init_std=m.value_init_std, backend=m.backend, lr=m.value_lr, weight_decay=m.value_weight_decay,
+                    sparse_grad=o.sparse_values, device=dist.device,
+                )
+                for name in pool_names(config.model)
+            }
+            self.model = Transformer(config.model, device=dist.device, pools=pools)
+            self.dense = _DeepSpeedDense(self.model, config, max(b - a for a, b in shares), self.world)
+        self.tables = self.model.value_tables()
+        for table in self.tables.values():
+            table.sparse_grad = o.sparse_values
+        self.value_optimizer = build_value_optimizer(o, self.tables.values())
         self.step = 0
         self.tokens = 0
-        self._usage_snapshot = {name: (t.usage_count.clone(), t.usage_mass.clone()) for name, t in self.model.pools.items()}
+        self._usage_snapshot = {name: self._usage(table) for name, table in self.tables.items()}
+
+    # -- collectives (no-ops on one process) -----------------------------------------------------
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dist is not None:
+            import torch.distributed as dist
+
+            x = x.clone()
+            dist.all_reduce(x)
+        return x
+
+    def _usage(self, table) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(table, "gather_usage"):
+            return table.gather_usage()
+        return table.usage_count.clone(), table.usage_mass.clone()
+
+    def _lookup_window(self, steps: int) -> dict:
+        """Per-rank lookup load since the last log line: rows served and bytes per step."""
+        out = {}
+        for name, table in self.tables.items():
+            stats = getattr(table, "stats", None)
+            if stats is None:
+                continue
+            import torch.distributed as dist
+
+            s = stats.reset()
+            mine = torch.tensor([s.rows_served, s.bytes_sent, s.bytes_received], dtype=torch.float64)
+            every = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(every, mine)
+            per_rank = torch.stack(every) / max(steps, 1)
+            served = per_rank[:, 0]
+            out[f"lookup/{name}/rows_served"] = served.tolist()
+            out[f"lookup/{name}/bytes_sent"] = per_rank[:, 1].tolist()
+            out[f"lookup/{name}/bytes_received"] = per_rank[:, 2].tolist()
+            out[f"lookup/{name}/imbalance"] = float(served.max() / served.mean()) if served.sum() > 0 else 1.0
+        return out
 
     # -- run directory -------------------------------------------------------------------------
     def _open_run_dir(self) -> None:
+        if self.rank != 0:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(self.config, self.run_dir / "config.yaml")
         if self.facts is not None:
@@ -67,7 +190,14 @@ class Trainer:
         self._metrics = (self.run_dir / "metrics.jsonl").open("a")
         self._log = (self.run_dir / "log.txt").open("a")
 
+    def _close_run_dir(self) -> None:
+        if self.rank == 0:
+            self._metrics.close()
+            self._log.close()
+
     def log(self, message: str) -> None:
+        if self.rank != 0:
+            return
         line = f"{datetime.now().isoformat(timespec='seconds')} {message}"
         self._log.write(line + "\n")
         self._log.flush()
@@ -77,52 +207,79 @@ class Trainer:
     def _usage_window(self) -> dict[str, float]:
         """Usage metrics of each pool over the lookups since the previous log line."""
         out = {}
-        for name, table in self.model.pools.items():
+        for name, table in self.tables.items():
             count0, mass0 = self._usage_snapshot[name]
-            out.update(usage_metrics(table.usage_count - count0, table.usage_mass - mass0, prefix=f"memory/{name}/"))
-            self._usage_snapshot[name] = (table.usage_count.clone(), table.usage_mass.clone())
+            count, mass = self._usage(table)
+            out.update(usage_metrics(count - count0, mass - mass0, prefix=f"memory/{name}/"))
+            self._usage_snapshot[name] = (count, mass)
         return out
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights, as the single-process model names them (collective)."""
+        state = self.dense.state_dict()
+        for name, table in self.tables.items():
+            if hasattr(table, "full_weight"):
+                count, mass = table.gather_usage()
+                state.update({f"pools.{name}.weight": table.full_weight(), f"pools.{name}.usage_count": count,
+                              f"pools.{name}.usage_mass": mass})
+        return state
+
     def save(self) -> Path:
-        return save_checkpoint(
-            self.run_dir / "checkpoints", self.step, self.model.state_dict(), dump_yaml(self.config),
-            keep_last=self.config.train.keep_last,
-        )
+        """A checkpoint of the whole model (gathered onto rank 0 on several ranks)."""
+        state = self.full_state_dict()
+        path = self.run_dir / "checkpoints"
+        if self.rank == 0:
+            path = save_checkpoint(path, self.step, state, dump_yaml(self.config), keep_last=self.config.train.keep_last)
+        if self.dist is not None:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return path
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on the global batch ``inputs``/``targets`` (this rank uses its rows)."""
         c = self.config
         factor = lr_factor(self.step, c.train.steps, c.optim.warmup_steps, c.optim.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = c.optim.lr * factor
         if self.value_optimizer is not None and c.optim.value_lr_schedule == "cosine":
             for group in self.value_optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
+        num_targets = int((targets != IGNORE_INDEX).sum())
+        inputs, targets = inputs[self.rows], targets[self.rows]
+        device = self.dist.device if self.dist else inputs.device
+        inputs, targets = inputs.to(device), targets.to(device)
         autocast = (
-            torch.autocast("cpu" if inputs.device.type == "cpu" else inputs.device.type, dtype=torch.bfloat16)
+            torch.autocast(device.type, dtype=torch.bfloat16)
             if c.train.precision == "bf16" else contextlib.nullcontext()
         )
         with autocast:
-            loss = self.model.loss(inputs, targets)
-            total = loss + self.model.aux_loss()
-        total.backward()
-        grad_norm = clip_grads(self.dense_params, c.optim.grad_clip)
-        value_norm = clip_grads([t.weight for t in self.model.pools.values()], c.optim.value_grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            loss = self.dense.loss_sum(inputs, targets) / max(num_targets, 1)
+            # x world: DeepSpeed averages dense gradients over ranks; pools' are divided below
+            total = loss * self.world + self.model.aux_loss()
+        self.dense.backward(total)
+        values = [t.weight for t in self.tables.values()]
+        if self.world > 1:
+            for p in values:
+                if p.grad is not None:
+                    (p.grad._values() if p.grad.is_sparse else p.grad).div_(self.world)
+        reduce = next(iter(self.tables.values())).all_reduce if self.dist is not None and self.tables else None
+        value_norm = clip_grads(values, c.optim.value_grad_clip, reduce)
+        grad_norm = self.dense.step(c.optim.lr * factor)
         if self.value_optimizer is not None:
             self.value_optimizer.step()
             self.value_optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": grad_norm, "value_grad_norm": value_norm, "lr": c.optim.lr * factor}
+        loss = float(self._sum(loss.detach()))
+        return {"loss": loss, "grad_norm": grad_norm, "value_grad_norm": value_norm, "lr": c.optim.lr * factor}
 
     def fit(self) -> dict:
         c = self.config
         self._open_run_dir()
         params = count_parameters(self.model)
-        self.log(f"run {c.name} in {self.run_dir}: {params['dense']:,} dense + {params['memory']:,} memory parameters")
+        where = f" on {self.world} ranks (ZeRO-{c.distributed.zero_stage}, {c.model.memory.layout} layout)" if self.dist else ""
+        self.log(f"run {c.name} in {self.run_dir}{where}: {params['dense']:,} dense + {params['memory']:,} memory parameters")
         bar = tqdm(total=c.train.steps, desc=c.name, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
         last = {}
         self.model.train()
         try:
@@ -132,6 +289,7 @@ class Trainer:
                 num_tokens = inputs.numel()
                 self.tokens += num_tokens
                 window_tokens += num_tokens
+                window_steps += 1
                 elapsed = time.perf_counter() - window_start
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{window_tokens / max(elapsed, 1e-9):,.0f}")
@@ -139,11 +297,12 @@ class Trainer:
                     value_lr = self.value_optimizer.param_groups[0]["lr"] if self.value_optimizer else None
                     last = {"step": self.step, **stats, "value_lr": value_lr, "tokens": self.tokens,
                             "tokens_per_s": window_tokens / max(elapsed, 1e-9), "epoch": self.batches.position.epoch,
-                            **self._usage_window()}
-                    self._metrics.write(json.dumps(last) + "\n")
-                    self._metrics.flush()
+                            **self._usage_window(), **self._lookup_window(window_steps)}
+                    if self.rank == 0:
+                        self._metrics.write(json.dumps(last) + "\n")
+                        self._metrics.flush()
                     self.log(f"step {self.step} loss {stats['loss']:.4f} tokens/s {last['tokens_per_s']:,.0f}")
-                    window_start, window_tokens = time.perf_counter(), 0
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
                 if c.train.checkpoint_every and self.step % c.train.checkpoint_every == 0 and self.step < c.train.steps:
                     self.log(f"saved {self.save()}")
             checkpoint = self.save()
@@ -151,12 +310,12 @@ class Trainer:
         finally:
             bar.close()
         result = {"run_dir": str(self.run_dir), "checkpoint": str(checkpoint), "step": self.step, "loss": last.get("loss")}
-        if c.train.eval_facts and self.facts:
-            recall = fact_recall(self.model, self.facts[: c.train.eval_facts], self.tokenizer)
+        if c.train.eval_facts and self.facts and self.rank == 0:
+            model = self.model if self.dist is None else load_trained_model(checkpoint)[0]
+            recall = fact_recall(model, self.facts[: c.train.eval_facts], self.tokenizer)
             result["recall"] = recall["recall"]
             self.log(f"recall {recall['recall']:.3f} ({recall['correct']}/{recall['total']} training facts)")
-        self._metrics.close()
-        self._log.close()
+        self._close_run_dir()
         return result
 
 
