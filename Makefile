@@ -21,6 +21,8 @@ $(STAMP): setup.py Makefile
 	$(PY) -c "import torch, triton, click, yaml, safetensors, memray.kernels, memray.model"
 	@# build the C++ CPU kernels once now rather than inside the first training step
 	$(PY) -c "from memray.kernels import cpu_ext; print('C++ CPU kernels:', 'built' if cpu_ext.load() else 'unavailable (' + str(cpu_ext.load_error) + '), using the torch backend')"
+	@# DeepSpeed compiles a shared-memory comm op on its first init (~30 s): once, here
+	$(PY) -c "from memray.train.deepspeed import prebuild; prebuild(); print('DeepSpeed CPU comm op: built')"
 	touch $(STAMP)
 
 demo: setup

@@ -138,3 +138,21 @@ def test_bad_world_sizes_are_config_errors(world, memory, rows, dim, layout, key
     with pytest.raises(ConfigError) as info:
         ParallelDims(world, memory).check_table(rows, dim, layout)
     assert info.value.key == key
+
+
+def test_bench_traffic_matches_the_formula(tmp_path):
+    """bench_sharded_lookup's traffic section: bytes counted by the tables, 2 ranks, both layouts,
+    within 10% of memray.distributed.plan.lookup_traffic (the claim the benchmark reports)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sharded_lookup.py"
+    spec = importlib.util.spec_from_file_location("bench_sharded_lookup", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_sharded_lookup"] = bench  # its workers are pickled by module name
+    spec.loader.exec_module(bench)
+    summary = bench.main(["--quick", "--sections", "traffic", "--out", str(tmp_path)])
+    assert 0.9 <= summary["traffic_ratio_min"] <= summary["traffic_ratio_max"] <= 1.1
+    assert summary["step_ms/row/w2"] > 0 and summary["step_ms/column/w2"] > 0
+    assert "| traffic+step | column | 2 |" in (tmp_path / "bench_sharded_lookup.md").read_text()
