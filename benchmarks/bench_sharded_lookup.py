@@ -99,7 +99,7 @@ def _scale_worker(sizes, warmup, reps) -> dict:
     ctx = init_distributed("gloo")
     out = {}
     for log2_rows in sizes:
-        trainer = Trainer(_scale_config(log2_rows, ctx.world_size), run_dir="unused", progress=False, dist=ctx)
+        trainer = Trainer(_scale_config(log2_rows, ctx.world_size), run_dir="unused", progress=False, context=ctx)
         trainer.model.train()
         times = []
         for rep in range(warmup + reps):

@@ -69,7 +69,7 @@ def _stages_worker(layout_stages):
     for layout, stage in layout_stages:
         config = _config(f"distributed.workers={ctx.world_size}", f"distributed.zero_stage={stage}",
                          f"model.memory.layout={layout}")
-        trainer = Trainer(config, run_dir="unused", progress=False, dist=ctx)
+        trainer = Trainer(config, run_dir="unused", progress=False, context=ctx)
         calls.clear()
         curve = _curve(trainer)
         table = trainer.tables["layer1"]

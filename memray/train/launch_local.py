@@ -18,7 +18,7 @@ def train_worker(config: RunConfig, run_dir: str, progress: bool = False) -> dic
 
     ctx = init_distributed(config.distributed.backend)
     try:
-        return Trainer(config, run_dir, progress=progress, dist=ctx).fit()
+        return Trainer(config, run_dir, progress=progress, context=ctx).fit()
     finally:
         shutdown_distributed()
 

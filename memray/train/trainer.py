@@ -4,8 +4,8 @@ One step: forward and loss (fp32 or bf16 autocast), backward, gradient clipping 
 parameters and, separately, of the value pools, a dense AdamW step and a value-pool step
 (row-sparse unless the paper's dense AdamW is chosen), then the schedules.
 
-On one process (``dist=None``) the model owns its pools and a torch AdamW trains the rest. On
-N ranks (``dist``: a :class:`memray.distributed.DistContext`) the pools are
+On one process (``context=None``) the model owns its pools and a torch AdamW trains the rest. On
+N ranks (``context``: a :class:`memray.distributed.DistContext`) the pools are
 :class:`memray.distributed.ShardedValueTable` shards given to the model from outside, and the
 dense parameters train in a DeepSpeed ZeRO engine (``memray.train.deepspeed``). Every rank
 builds the same global batch and takes its balanced share of the sequences; its loss is its
@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -102,10 +103,11 @@ class _DeepSpeedDense:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, run_dir: str | Path | None = None, progress: bool = True, dist=None):
+    def __init__(self, config: RunConfig, run_dir: str | Path | None = None, progress: bool = True, context=None):
+        """``context``: this rank's :class:`memray.distributed.DistContext`; None for one process."""
         self.config = config
-        self.dist = dist
-        self.rank, self.world = (dist.rank, dist.world_size) if dist else (0, 1)
+        self.context = context
+        self.rank, self.world = (context.rank, context.world_size) if context else (0, 1)
         self.run_dir = Path(run_dir or config.run_dir or default_run_dir(config))
         self.progress = progress and self.rank == 0
         if config.train.threads:
@@ -118,7 +120,7 @@ class Trainer:
         shares = balanced_ranges(config.train.batch_size, self.world)
         self.rows = slice(*shares[self.rank])
         o = config.optim
-        if dist is None:
+        if context is None:
             self.model = Transformer(config.model)
             self.dense = _LocalDense(self.model, config)
         else:
@@ -127,13 +129,13 @@ class Trainer:
             m = config.model.memory
             pools = {
                 name: ShardedValueTable(
-                    m.num_slots, m.v_dim or config.model.dim, group=dist.memory_group, layout=m.layout,
+                    m.num_slots, m.v_dim or config.model.dim, group=context.memory_group, layout=m.layout,
                     init_std=m.value_init_std, backend=m.backend, lr=m.value_lr, weight_decay=m.value_weight_decay,
-                    sparse_grad=o.sparse_values, device=dist.device,
+                    sparse_grad=o.sparse_values, device=context.device,
                 )
                 for name in pool_names(config.model)
             }
-            self.model = Transformer(config.model, device=dist.device, pools=pools)
+            self.model = Transformer(config.model, device=context.device, pools=pools)
             self.dense = _DeepSpeedDense(self.model, config, max(b - a for a, b in shares), self.world)
         self.tables = self.model.value_tables()
         for table in self.tables.values():
@@ -145,9 +147,7 @@ class Trainer:
 
     # -- collectives (no-ops on one process) -----------------------------------------------------
     def _sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dist is not None:
-            import torch.distributed as dist
-
+        if self.context is not None:
             x = x.clone()
             dist.all_reduce(x)
         return x
@@ -164,8 +164,6 @@ class Trainer:
             stats = getattr(table, "stats", None)
             if stats is None:
                 continue
-            import torch.distributed as dist
-
             s = stats.reset()
             mine = torch.tensor([s.rows_served, s.bytes_sent, s.bytes_received], dtype=torch.float64)
             every = [torch.empty_like(mine) for _ in range(self.world)]
@@ -230,9 +228,7 @@ class Trainer:
         path = self.run_dir / "checkpoints"
         if self.rank == 0:
             path = save_checkpoint(path, self.step, state, dump_yaml(self.config), keep_last=self.config.train.keep_last)
-        if self.dist is not None:
-            import torch.distributed as dist
-
+        if self.context is not None:
             dist.barrier()
         return path
 
@@ -246,7 +242,7 @@ class Trainer:
                 group["lr"] = group["initial_lr"] * factor
         num_targets = int((targets != IGNORE_INDEX).sum())
         inputs, targets = inputs[self.rows], targets[self.rows]
-        device = self.dist.device if self.dist else inputs.device
+        device = self.context.device if self.context else inputs.device
         inputs, targets = inputs.to(device), targets.to(device)
         autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
@@ -262,7 +258,7 @@ class Trainer:
             for p in values:
                 if p.grad is not None:
                     (p.grad._values() if p.grad.is_sparse else p.grad).div_(self.world)
-        reduce = next(iter(self.tables.values())).all_reduce if self.dist is not None and self.tables else None
+        reduce = next(iter(self.tables.values())).all_reduce if self.context is not None and self.tables else None
         value_norm = clip_grads(values, c.optim.value_grad_clip, reduce)
         grad_norm = self.dense.step(c.optim.lr * factor)
         if self.value_optimizer is not None:
@@ -276,7 +272,7 @@ class Trainer:
         c = self.config
         self._open_run_dir()
         params = count_parameters(self.model)
-        where = f" on {self.world} ranks (ZeRO-{c.distributed.zero_stage}, {c.model.memory.layout} layout)" if self.dist else ""
+        where = f" on {self.world} ranks (ZeRO-{c.distributed.zero_stage}, {c.model.memory.layout} layout)" if self.context else ""
         self.log(f"run {c.name} in {self.run_dir}{where}: {params['dense']:,} dense + {params['memory']:,} memory parameters")
         bar = tqdm(total=c.train.steps, desc=c.name, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
@@ -311,7 +307,7 @@ class Trainer:
             bar.close()
         result = {"run_dir": str(self.run_dir), "checkpoint": str(checkpoint), "step": self.step, "loss": last.get("loss")}
         if c.train.eval_facts and self.facts and self.rank == 0:
-            model = self.model if self.dist is None else load_trained_model(checkpoint)[0]
+            model = self.model if self.context is None else load_trained_model(checkpoint)[0]
             recall = fact_recall(model, self.facts[: c.train.eval_facts], self.tokenizer)
             result["recall"] = recall["recall"]
             self.log(f"recall {recall['recall']:.3f} ({recall['correct']}/{recall['total']} training facts)")
