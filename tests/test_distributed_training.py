@@ -95,7 +95,7 @@ def reference_curve():
 
 
 @pytest.mark.parametrize("world,layout_stages", [
-    (2, [("row", 1), ("row", 2), ("row", 3)]),
+    (2, [("row", 0), ("row", 1), ("row", 2), ("row", 3)]),
     (3, [("row", 1), ("row", 2), ("row", 3), ("column", 2)]),
 ])
 def test_sharded_training_reproduces_single_process(world, layout_stages, reference_curve):

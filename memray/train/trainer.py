@@ -38,7 +38,7 @@ from memray.distributed.plan import balanced_ranges
 from memray.evaluate import fact_recall
 from memray.model import Transformer, count_parameters, usage_metrics
 from memray.model.transformer import pool_names
-from memray.optim import build_value_optimizer, clip_grads, dense_param_groups, lr_factor
+from memray.optim import build_value_optimizer, clip_grads, dense_param_groups, grad_norm, lr_factor
 
 from .config import RunConfig
 
@@ -91,12 +91,17 @@ class _DeepSpeedDense:
     def backward(self, loss):
         self.engine.backward(loss)
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float) -> float | None:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
+        norm = None
+        if self.engine.zero_optimization_stage() == 0:
+            # stage 0 holds every averaged gradient on every rank and reports no norm itself
+            norm = grad_norm(list(self.engine.module.parameters()))
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._ds.consolidated_state_dict(self.engine)
