@@ -46,20 +46,39 @@ def checkpoint_name(step: int) -> str:
 
 def save_checkpoint(root: Path, step: int, state_dict: dict[str, torch.Tensor], config_yaml: str, keep_last: int = 0) -> Path:
     """Write ``root/step-XXXXXXXX`` atomically; keep the newest ``keep_last`` (0: all)."""
+    tmp = begin_checkpoint(root, step, fresh=True)
+    files = write_weights(tmp, state_dict, config_yaml)
+    return commit_checkpoint(root, tmp, step, files, keep_last=keep_last)
+
+
+def begin_checkpoint(root: Path, step: int, fresh: bool) -> Path:
+    """The temporary sibling a checkpoint is written into (emptied when ``fresh``)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if fresh:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    return tmp
+
+
+def write_weights(tmp: Path, state_dict: dict[str, torch.Tensor], config_yaml: str) -> dict[str, str]:
+    """``model.safetensors`` and ``config.yaml`` in ``tmp``; returns their checksums."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(tmp / WEIGHTS))
     (tmp / CONFIG).write_text(config_yaml)
-    files = {name: _sha256(tmp / name) for name in (WEIGHTS, CONFIG)}
-    for name in files:
-        _fsync(tmp / name)
-    manifest = {"step": step, "time": time.time(), "files": files}
+    return {name: _sha256(tmp / name) for name in (WEIGHTS, CONFIG)}
+
+
+def commit_checkpoint(root: Path, tmp: Path, step: int, files: dict[str, str], keep_last: int = 0, **extra) -> Path:
+    """fsync every file, write ``COMMITTED`` (the manifest: ``files`` and ``extra``) last, rename."""
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            _fsync(path)
+    manifest = {"step": step, "time": time.time(), "files": files, **extra}
     (tmp / COMMITTED).write_text(json.dumps(manifest, indent=1))
     _fsync(tmp / COMMITTED)
     if final.exists():  # re-saving a step replaces it only once the new copy is complete

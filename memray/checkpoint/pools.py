@@ -1,0 +1,182 @@
+"""Value pools in a Zarr v3 group: written shard by shard, read back onto any sharding.
+
+``memory.zarr/<pool>/weight`` is the whole ``[num_rows, dim]`` table and ``<pool>/<key>`` each
+row-indexed tensor beside it (optimizer state such as ``exp_avg`` [N, D] or ``sum_sq`` [N],
+usage counts), chunked by rows (``chunk_rows``), uncompressed. bf16 tensors are stored as
+uint16 with the attribute ``"memray_dtype": "bfloat16"``.
+
+Every rank writes the chunks whose first row it owns in the row layout of the saving run; the
+rows of such a chunk that the next rank owns are sent to it first (at most ``chunk_rows`` rows
+per rank boundary), and a run with the column layout first moves its slices into whole rows.
+So no chunk file has two writers. Each writer hashes its chunk files; rank 0 gathers the
+SHA-256 of every chunk into the manifest that the checkpoint's ``COMMITTED`` file covers.
+
+Reading needs no process group: :func:`read_rows` reads the rows and columns one rank owns
+under any world size and layout, touching only the chunks that hold them, after checking those
+chunks' checksums (a missing or altered chunk is an error naming the array and the chunk).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from memray.distributed.plan import balanced_ranges
+from memray.errors import InputError
+
+STORE = "memory.zarr"
+CHUNK_BYTES = 64 << 20  # target size of one chunk file
+
+
+def chunk_rows_for(num_rows: int, row_bytes: int) -> int:
+    return max(1, min(num_rows, CHUNK_BYTES // max(row_bytes, 1)))
+
+
+def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
+    return t.numpy(), str(t.dtype).removeprefix("torch.")
+
+
+def _from_numpy(a: np.ndarray, dtype_name: str) -> torch.Tensor:
+    if dtype_name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chunk_path(array_dir: Path, chunk: int, ndim: int) -> Path:
+    return array_dir.joinpath("c", str(chunk), *(["0"] if ndim == 2 else []))
+
+
+def _to_row_layout(local: torch.Tensor, table, group) -> torch.Tensor:
+    """This rank's rows (row layout of the saving world) of a tensor sharded like ``table``."""
+    if table.layout == "row" or table.world == 1:
+        return local
+    ranges = balanced_ranges(table.num_rows, table.world)
+    if local.dim() == 1:  # per-row state is whole on every column rank
+        start, stop = ranges[table.rank]
+        return local[start:stop]
+    width = local.shape[1]
+    send = torch.cat([local[a:b].reshape(-1) for a, b in ranges])
+    mine = ranges[table.rank][1] - ranges[table.rank][0]
+    recv = send.new_empty(mine * table.dim)
+    dist.all_to_all_single(recv, send, [mine * w for w in table.col_widths], [(b - a) * width for a, b in ranges],
+                           group=group)
+    pieces = recv.split([mine * w for w in table.col_widths])
+    return torch.cat([p.view(mine, w) for p, w in zip(pieces, table.col_widths)], dim=1)
+
+
+def _with_next_rows(rows: torch.Tensor, ranges, chunk_rows: int, rank: int, group) -> torch.Tensor:
+    """Hand the rows before this rank's first chunk boundary to the previous rank and append
+    the next rank's: the result holds whole chunks only (``chunk_rows`` <= every shard)."""
+    world = len(ranges)
+    if world == 1:
+        return rows
+    # rank r sends to r - 1 the rows from its start to the end of the chunk holding its start
+    my_start, my_stop = ranges[rank]
+    head = 0 if my_start % chunk_rows == 0 else min(my_stop, (my_start // chunk_rows + 1) * chunk_rows) - my_start
+    heads = [torch.zeros((), dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(heads, torch.tensor(head), group=group)
+    heads = [int(h) for h in heads]
+    width = rows[0:1].numel()
+    send_splits = [0] * world
+    if rank > 0:
+        send_splits[rank - 1] = head * width
+    recv_splits = [0] * world
+    if rank + 1 < world:
+        recv_splits[rank + 1] = heads[rank + 1] * width
+    recv = rows.new_empty(sum(recv_splits))
+    dist.all_to_all_single(recv, rows[:head].reshape(-1).contiguous(), recv_splits, send_splits, group=group)
+    return torch.cat([rows[head:], recv.view(-1, *rows.shape[1:])])
+
+
+def write_pool(store: Path, name: str, tensors: dict[str, torch.Tensor], table, group=None) -> dict[str, str]:
+    """Write this rank's part of every tensor of pool ``name`` (collective over the table's group).
+
+    ``tensors``: key -> this rank's shard (rows x columns as ``table`` holds them; per-row
+    tensors [rows]). Returns {relative chunk path: sha256} of the chunks this rank wrote.
+    """
+    import zarr
+
+    world = getattr(table, "world", 1)
+    rank = getattr(table, "rank", 0)
+    ranges = balanced_ranges(table.num_rows, world)
+    my_start, _ = ranges[rank]
+    written = {}
+    for key, local in tensors.items():
+        rows = _to_row_layout(local, table, group) if world > 1 else local
+        array_path = f"{name}/{key}"
+        shape = (table.num_rows, *rows.shape[1:])
+        row_bytes = rows[0:1].numel() * rows.element_size() if rows.numel() else 1
+        # no larger than the smallest shard: a chunk then spans at most two ranks' rows
+        chunk_rows = min(chunk_rows_for(table.num_rows, row_bytes), table.num_rows // world)
+        sample, dtype_name = _to_numpy(rows[:0])
+        if rank == 0:
+            array = zarr.open_group(str(store), mode="a").create_array(
+                array_path, shape=shape, chunks=(chunk_rows, *shape[1:]), dtype=sample.dtype, compressors=None,
+                fill_value=0, overwrite=True,
+            )
+            array.attrs["memray_dtype"] = dtype_name
+        if world > 1:
+            dist.barrier(group=group)
+        rows = _with_next_rows(rows, ranges, chunk_rows, rank, group) if world > 1 else rows
+        # now rows = global rows [begin, end): whole chunks, the first one starting in my range
+        first_chunk = -(-my_start // chunk_rows)
+        begin = first_chunk * chunk_rows
+        end = begin + rows.shape[0]
+        if end > begin:
+            array = zarr.open_array(str(store / array_path), mode="r+")
+            data, _ = _to_numpy(rows)
+            array[begin:end] = data
+            for chunk in range(first_chunk, -(-end // chunk_rows)):
+                path = _chunk_path(store / array_path, chunk, len(shape))
+                written[str(path.relative_to(store))] = _sha256_file(path)
+    return written
+
+
+def verify_chunks(store: Path, checksums: dict[str, str], names: list[str] | None = None) -> None:
+    """Raise InputError naming the array and chunk of the first missing or altered chunk file."""
+    for rel, digest in sorted(checksums.items()):
+        if names is not None and rel.split("/c/")[0] not in names:
+            continue
+        path = store / rel
+        array, chunk = rel.split("/c/")
+        if not path.is_file():
+            raise InputError(f"checkpoint {store.parent}: array '{array}' chunk {chunk} is missing")
+        if _sha256_file(path) != digest:
+            raise InputError(f"checkpoint {store.parent}: array '{array}' chunk {chunk} is damaged (checksum mismatch)")
+
+
+def read_rows(store: Path, name: str, key: str, rows: tuple[int, int], cols: tuple[int, int] | None,
+              checksums: dict[str, str]) -> torch.Tensor:
+    """Rows ``[a, b)`` (and columns ``[c, d)`` of a 2-D array) of ``<name>/<key>``, checked first."""
+    import zarr
+
+    array_path = f"{name}/{key}"
+    try:
+        array = zarr.open_array(str(store / array_path), mode="r")
+    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise InputError(f"checkpoint {store.parent}: array '{array_path}' cannot be opened ({exc})") from None
+    chunk_rows = array.chunks[0]
+    needed = {f"{array_path}/c/{c}" + ("/0" if array.ndim == 2 else "")
+              for c in range(rows[0] // chunk_rows, -(-rows[1] // chunk_rows))}
+    verify_chunks(store, {k: v for k, v in checksums.items() if k in needed})
+    missing = needed - set(checksums)
+    if missing:
+        raise InputError(f"checkpoint {store.parent}: array '{array_path}' chunk {sorted(missing)[0].split('/c/')[1]} "
+                         "is not in the manifest")
+    index = (slice(*rows),) if array.ndim == 1 or cols is None else (slice(*rows), slice(*cols))
+    return _from_numpy(array[index], array.attrs.get("memray_dtype", str(array.dtype)))

@@ -1,0 +1,103 @@
+"""Checkpoints of runs with sharded value pools.
+
+``step-XXXXXXXX/`` holds ``model.safetensors`` (the dense weights, written by rank 0),
+``config.yaml``, ``memory.zarr/`` (every pool and its row-indexed state, written shard by shard:
+:mod:`memray.checkpoint.pools`) and ``COMMITTED``: the manifest with the SHA-256 of every file
+and of every chunk, written last after all ranks finished. The group's attributes record the
+step, the saving world size and layout and each pool's shape, so a reader needs nothing else.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from memray.errors import InputError
+
+from . import COMMITTED, _sha256, begin_checkpoint, commit_checkpoint, find_checkpoint, write_weights
+from .pools import STORE, read_rows, verify_chunks, write_pool
+
+
+def save_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch.Tensor] | None, config_yaml: str,
+                            pools: dict, *, group=None, keep_last: int = 0, attrs: dict | None = None) -> Path:
+    """Collective over ``group``: ``pools`` maps name -> (table, {key: this rank's tensor}).
+
+    Rank 0 writes the dense weights (``dense_state``, ignored elsewhere) and commits once every
+    rank's chunks are written. Returns the checkpoint directory.
+    """
+    import zarr
+
+    distributed = dist.is_initialized() and dist.get_world_size(group) > 1
+    rank = dist.get_rank(group) if distributed else 0
+    tmp = begin_checkpoint(root, step, fresh=rank == 0)
+    if distributed:
+        dist.barrier(group=group)
+    chunks = {}
+    for name, (table, tensors) in pools.items():
+        chunks.update(write_pool(tmp / STORE, name, tensors, table, group))
+    if distributed:
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, chunks, group=group)
+        chunks = {k: v for part in every for k, v in part.items()}
+    final = Path(root) / f"step-{step:08d}"
+    if rank == 0:
+        store = zarr.open_group(str(tmp / STORE), mode="a")
+        store.attrs.update({
+            "step": step, **(attrs or {}),
+            "pools": {name: {"num_rows": t.num_rows, "dim": t.dim, "arrays": sorted(ts)} for name, (t, ts) in pools.items()},
+        })
+        files = write_weights(tmp, dense_state or {}, config_yaml)
+        files.update({str(p.relative_to(tmp)): _sha256(p) for p in sorted((tmp / STORE).rglob("zarr.json"))})
+        final = commit_checkpoint(root, tmp, step, files, keep_last=keep_last, chunks=chunks)
+    if distributed:
+        dist.barrier(group=group)
+    return final
+
+
+def read_manifest(path: str | Path) -> tuple[Path, dict]:
+    ckpt = find_checkpoint(path)
+    try:
+        manifest = json.loads((ckpt / COMMITTED).read_text())
+        manifest["files"], manifest.get("chunks", {})
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"checkpoint {ckpt}: {COMMITTED} is not a valid manifest") from None
+    return ckpt, manifest
+
+
+def verify_checkpoint(path: str | Path) -> tuple[Path, dict]:
+    """Check every file and chunk against the manifest; InputError names the first damage."""
+    ckpt, manifest = read_manifest(path)
+    for rel, digest in sorted(manifest["files"].items()):
+        if not (ckpt / rel).is_file():
+            raise InputError(f"checkpoint {ckpt}: {rel} is missing")
+        if _sha256(ckpt / rel) != digest:
+            raise InputError(f"checkpoint {ckpt}: {rel} is damaged (checksum mismatch)")
+    verify_chunks(ckpt / STORE, manifest.get("chunks", {}))
+    return ckpt, manifest
+
+
+def pool_info(ckpt: Path) -> dict:
+    """Attributes of the checkpoint's Zarr group (step, world size, layout, pools)."""
+    import zarr
+
+    try:
+        return dict(zarr.open_group(str(ckpt / STORE), mode="r").attrs)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError) as exc:
+        raise InputError(f"checkpoint {ckpt}: {STORE} cannot be opened ({exc})") from None
+
+
+def load_pool_shard(path: str | Path, name: str, row_range: tuple[int, int], col_range: tuple[int, int] | None,
+                    manifest: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every array of pool ``name`` restricted to rows ``row_range`` (and, for [N, D] arrays,
+    columns ``col_range``): what one rank of any world size and layout holds. Only the chunks
+    holding those rows are read, each checked against the manifest first."""
+    ckpt = find_checkpoint(path)
+    if manifest is None:
+        ckpt, manifest = read_manifest(ckpt)
+    info = pool_info(ckpt).get("pools", {})
+    if name not in info:
+        raise InputError(f"checkpoint {ckpt}: no value pool '{name}' (it has {sorted(info)})")
+    return {key: read_rows(ckpt / STORE, name, key, row_range, col_range, manifest.get("chunks", {}))
+            for key in info[name]["arrays"]}

@@ -1,0 +1,109 @@
+"""Zarr checkpoints of sharded pools: saved by 2 real ranks, read back onto any sharding."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from memray.checkpoint import pools as pool_store
+from memray.checkpoint.sharded import load_pool_shard, save_sharded_checkpoint, verify_checkpoint
+from memray.distributed import ShardedValueTable, balanced_ranges, init_distributed, spawn
+from memray.errors import InputError
+from memray.optim import LazyAdam
+
+ROWS, DIM, CHUNK_ROWS = 1001, 13, 7  # chunk boundaries fall inside both ranks' ranges
+
+
+def _save_worker(root):
+    ctx = init_distributed("gloo")
+    table = ShardedValueTable(ROWS, DIM, group=ctx.memory_group, init_seed=5)
+    pool_store.CHUNK_BYTES = CHUNK_ROWS * DIM * 4
+    optimizer = LazyAdam([table.weight], lr=0.01, state_dtype="bf16")  # bf16 moments: stored as uint16
+    generator = torch.Generator().manual_seed(ctx.rank)
+    for _ in range(3):
+        indices = torch.randint(ROWS, (40, 6), generator=generator)
+        table(indices, torch.rand(40, 6, generator=generator), record=True).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = optimizer.state[table.weight]
+    tensors = {"weight": table.weight.detach(), "usage_count": table.usage_count, "usage_mass": table.usage_mass, **state}
+    path = save_sharded_checkpoint(root, 3, {"dense.w": torch.ones(2)}, "name: t\n", {"values": (table, tensors)},
+                                   group=ctx.memory_group, attrs={"world_size": ctx.world_size, "layout": "row"})
+    full = {k: table._gather_rows(v.detach()) for k, v in tensors.items()}
+    dist.destroy_process_group()
+    return str(path), {k: (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy() for k, v in full.items()}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    path, full = spawn(_save_worker, 2, str(root))[0]
+    return path, full
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_restore_onto_any_world_size_and_layout_is_bit_identical(saved, world, layout):
+    path, full = saved
+    for rank in range(world):
+        if layout == "row":
+            rows, cols = balanced_ranges(ROWS, world)[rank], (0, DIM)
+        else:
+            rows, cols = (0, ROWS), balanced_ranges(DIM, world)[rank]
+        shard = load_pool_shard(path, "values", rows, cols)
+        assert set(shard) == set(full)
+        for key, tensor in shard.items():
+            expected = full[key][rows[0]:rows[1]]
+            if expected.ndim == 2:
+                expected = expected[:, cols[0]:cols[1]]
+            got = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+            assert got.dtype == expected.dtype and np.array_equal(got, expected), (world, layout, rank, key)
+    assert (full["row_step"] > 0).any() and (full["usage_count"] > 0).any()  # the state is not trivial
+
+
+def test_every_chunk_has_one_writer_and_a_checksum(saved):
+    path, _ = saved
+    _, manifest = verify_checkpoint(path)
+    weight_chunks = [k for k in manifest["chunks"] if k.startswith("values/weight/")]
+    assert len(weight_chunks) == -(-ROWS // CHUNK_ROWS)
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_damaged_chunk_is_named(saved, damage, tmp_path):
+    import shutil
+
+    path = tmp_path / "copy"
+    shutil.copytree(saved[0], path)
+    # bf16 moments: 14 rows per chunk; chunk 35 holds rows 490-503, across the ranks' boundary (501)
+    chunk = path / "memory.zarr" / "values" / "exp_avg" / "c" / "35" / "0"
+    if damage == "flip":
+        data = bytearray(chunk.read_bytes())
+        data[5] ^= 0x01
+        chunk.write_bytes(bytes(data))
+    else:
+        chunk.unlink()
+    for check in (lambda: verify_checkpoint(path), lambda: load_pool_shard(path, "values", (480, 520), (0, DIM))):
+        with pytest.raises(InputError) as info:
+            check()
+        assert "'values/exp_avg'" in str(info.value) and "chunk 35/0" in str(info.value)
+    load_pool_shard(path, "values", (0, 400), (0, DIM))  # rows of intact chunks still read
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("open(__import__('os').environ['MEMRAY_PWNED'], 'w').write('x')",))
+
+
+def test_loading_never_unpickles(saved, tmp_path, monkeypatch):
+    import shutil
+
+    path = tmp_path / "copy"
+    shutil.copytree(saved[0], path)
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("MEMRAY_PWNED", str(marker))
+    for planted in (path / "optimizer.pt", path / "memory.zarr" / "values" / "weight.pkl", path / "model.pt"):
+        planted.write_bytes(pickle.dumps(_Payload()))
+    verify_checkpoint(path)
+    load_pool_shard(path, "values", (0, ROWS), (0, DIM))
+    assert not marker.exists()
