@@ -104,6 +104,24 @@ def evaluate(checkpoint, facts_path, limit, as_json):
 
 
 @main.command()
+@click.argument("checkpoint", type=click.Path())
+def verify(checkpoint):
+    """Check every file and chunk of a checkpoint against its manifest (exit 2 on damage).
+
+    CHECKPOINT is a checkpoint directory or a run directory (its newest committed checkpoint).
+
+    \b
+    Example:
+      memray verify runs/demo/checkpoints/step-00000900
+    """
+    from memray.checkpoint.sharded import verify_checkpoint
+
+    ckpt, manifest = verify_checkpoint(checkpoint)
+    click.echo(f"checkpoint {ckpt} (step {manifest['step']}): {len(manifest['files'])} files and "
+               f"{len(manifest.get('chunks', {}))} chunks match their checksums")
+
+
+@main.command()
 @click.option("--memory-params", required=True, help="Value-table parameters per pool: 128e9, 1.07B, 4M, 2000000.")
 @click.option("--value-dim", default="4096", show_default=True, help="Value dim D.")
 @click.option("--gpu-mem", required=True, help="Memory of one GPU: 80GiB, 80GB, 85899345920.")

@@ -107,3 +107,62 @@ def test_loading_never_unpickles(saved, tmp_path, monkeypatch):
     verify_checkpoint(path)
     load_pool_shard(path, "values", (0, ROWS), (0, DIM))
     assert not marker.exists()
+
+
+def test_verify_command(saved, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    path = tmp_path / "copy"
+    shutil.copytree(saved[0], path)
+    run = lambda: subprocess.run([sys.executable, "-m", "memray.cli", "verify", str(path)], capture_output=True, text=True)  # noqa: E731
+    ok = run()
+    assert ok.returncode == 0 and "chunks match" in ok.stdout, ok.stderr
+    chunk = path / "memory.zarr" / "values" / "weight" / "c" / "3" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 0x80
+    chunk.write_bytes(bytes(data))
+    bad = run()
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "'values/weight' chunk 3/0" in lines[0], bad.stderr
+
+
+_WRITER = """
+import sys, torch
+from memray.checkpoint.sharded import save_sharded_checkpoint
+from memray.model.memory import ValueTable
+root, rows = sys.argv[1], int(sys.argv[2])
+for step in (1, 2):
+    table = ValueTable(rows if step == 2 else 64, 256)
+    save_sharded_checkpoint(root, step, {}, "name: t\\n", {"values": (table, {"weight": table.weight.detach()})})
+    print("saved", step, flush=True)
+"""
+
+
+def test_killed_save_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL the writer while it writes step 2 (1 GiB of chunks): step 1 still verifies and
+    loads, the partial directory is not taken for a checkpoint, and saving step 2 again works."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from memray.checkpoint import find_checkpoint
+
+    root = tmp_path / "checkpoints"
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(root), str(1 << 20)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "saved 1"
+    partial = root / ".tmp-step-00000002" / "memory.zarr" / "values" / "weight" / "c"
+    deadline = time.time() + 120
+    while not (partial.is_dir() and any(partial.iterdir())) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert not (root / "step-00000002").exists(), "the save finished before the kill: nothing was tested"
+    assert find_checkpoint(root).name == "step-00000001"
+    verify_checkpoint(root)
+    assert load_pool_shard(root, "values", (0, 64), (0, 256))["weight"].shape == (64, 256)
+    subprocess.run([sys.executable, "-c", _WRITER, str(root), "4096"], check=True, capture_output=True)
+    assert find_checkpoint(root).name == "step-00000002" and not (root / ".tmp-step-00000002").exists()

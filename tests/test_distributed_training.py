@@ -145,7 +145,15 @@ def test_cli_workers_give_the_single_process_losses(workers, tmp_path):
         assert min(last["lookup/layer1/bytes_sent"]) > 0
     else:
         assert last["lookup/layer1/bytes_sent"] == [0.0]
-    # the gathered checkpoint is an ordinary one: `memray eval` reads it
+    # the sharded checkpoint (pools in memory.zarr, written by every rank) loads as the same model
+    from memray.train.trainer import load_trained_model
+
+    (one_model, *_), (many_model, *_) = load_trained_model(tmp_path / "one"), load_trained_model(tmp_path / "many")
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (one_model(tokens) - many_model(tokens)).abs().max() <= 1e-4
+    assert torch.equal(one_model.pools["layer1"].usage_count, many_model.pools["layer1"].usage_count)
+    assert (tmp_path / "many" / "checkpoints" / "step-00000020" / "memory.zarr").is_dir()
     facts = tmp_path / "many" / "data" / "facts.jsonl"
     evaluated = _cli("eval", str(tmp_path / "many"), "--facts", str(facts), "--limit", "5", "--json")
     assert evaluated.returncode == 0, evaluated.stderr

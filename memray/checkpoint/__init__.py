@@ -1,9 +1,10 @@
-"""Checkpoints of a single-process run: weights in safetensors (no pickle), config in YAML.
+"""Checkpoints: weights in safetensors and Zarr (no pickle), the config in YAML.
 
-Layout of ``RUN/checkpoints/step-XXXXXXXX/``: ``model.safetensors``, ``config.yaml``, and
-``COMMITTED`` (JSON: step, time, sha256 of every file), written last. A checkpoint is written
-into a temporary sibling, fsynced and renamed, so a crash never leaves a half-written directory
-that readers take for a checkpoint; readers ignore directories without ``COMMITTED``.
+Layout of ``RUN/checkpoints/step-XXXXXXXX/``: ``model.safetensors``, ``config.yaml``, for a
+sharded run ``memory.zarr/`` (the value pools, written shard by shard: ``sharded.py``), and
+``COMMITTED`` (JSON: step, time, sha256 of every file and chunk), written last. A checkpoint is
+written into a temporary sibling, fsynced and renamed, so a crash never leaves a half-written
+directory that readers take for a checkpoint; readers ignore directories without ``COMMITTED``.
 """
 from __future__ import annotations
 

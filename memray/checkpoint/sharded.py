@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from memray.errors import InputError
 
-from . import COMMITTED, _sha256, begin_checkpoint, commit_checkpoint, find_checkpoint, write_weights
+from . import COMMITTED, _sha256, begin_checkpoint, checkpoint_name, commit_checkpoint, find_checkpoint, write_weights
 from .pools import STORE, read_rows, verify_chunks, write_pool
 
 
@@ -41,7 +41,7 @@ def save_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch.
         every = [None] * dist.get_world_size(group)
         dist.all_gather_object(every, chunks, group=group)
         chunks = {k: v for part in every for k, v in part.items()}
-    final = Path(root) / f"step-{step:08d}"
+    final = Path(root) / checkpoint_name(step)
     if rank == 0:
         store = zarr.open_group(str(tmp / STORE), mode="a")
         store.attrs.update({

@@ -217,25 +217,26 @@ class Trainer:
             self._usage_snapshot[name] = (count, mass)
         return out
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights, as the single-process model names them (collective)."""
-        state = self.dense.state_dict()
-        for name, table in self.tables.items():
-            if hasattr(table, "full_weight"):
-                count, mass = table.gather_usage()
-                state.update({f"pools.{name}.weight": table.full_weight(), f"pools.{name}.usage_count": count,
-                              f"pools.{name}.usage_mass": mass})
-        return state
-
     def save(self) -> Path:
-        """A checkpoint of the whole model (gathered onto rank 0 on several ranks)."""
-        state = self.full_state_dict()
-        path = self.run_dir / "checkpoints"
-        if self.rank == 0:
-            path = save_checkpoint(path, self.step, state, dump_yaml(self.config), keep_last=self.config.train.keep_last)
-        if self.context is not None:
-            dist.barrier()
-        return path
+        """A committed checkpoint: one safetensors file on one process; on N ranks the dense
+        weights (rank 0) and ``memory.zarr`` written shard by shard by every rank."""
+        root = self.run_dir / "checkpoints"
+        if self.context is None:
+            return save_checkpoint(root, self.step, self.model.state_dict(), dump_yaml(self.config),
+                                   keep_last=self.config.train.keep_last)
+        from memray.checkpoint.sharded import save_sharded_checkpoint
+
+        dense = self.dense.state_dict()  # collective under ZeRO-3
+        pools = {}
+        for name, table in self.tables.items():
+            state = self.value_optimizer.state.get(table.weight, {}) if self.value_optimizer is not None else {}
+            pools[name] = (table, {"weight": table.weight.detach(), "usage_count": table.usage_count,
+                                   "usage_mass": table.usage_mass, **{f"optim.{k}": v for k, v in state.items()}})
+        c = self.config
+        attrs = {"world_size": self.world, "layout": c.model.memory.layout, "zero_stage": c.distributed.zero_stage,
+                 "data_position": {"epoch": self.batches.position.epoch, "batch": self.batches.position.batch}}
+        return save_sharded_checkpoint(root, self.step, dense if self.rank == 0 else None, dump_yaml(c), pools,
+                                       group=self.context.memory_group, keep_last=c.train.keep_last, attrs=attrs)
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -337,6 +338,13 @@ def load_trained_model(path: str | Path) -> tuple[Transformer, RunConfig, Path, 
         model = Transformer(config.model)
     model.to_empty(device="cpu")
     model.init_weights()  # derived buffers (rotary tables); weights are overwritten below
+    if (ckpt / "memory.zarr").is_dir():  # pools of a sharded run, written shard by shard
+        from memray.checkpoint.sharded import load_pool_shard, verify_checkpoint
+
+        verify_checkpoint(ckpt)
+        for name, table in model.value_tables().items():
+            arrays = load_pool_shard(ckpt, name, (0, table.num_rows), (0, table.dim), manifest)
+            tensors.update({f"pools.{name}.{key}": arrays[key] for key in ("weight", "usage_count", "usage_mass")})
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise InputError(f"checkpoint {ckpt}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
