@@ -122,6 +122,48 @@ def verify(checkpoint):
 
 
 @main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@click.option("--pool", help="Only this value pool.")
+@click.option("--slot", type=int, help="Also this slot: its value norm, usage and the layers that read it.")
+def inspect(checkpoint, as_json, pool, slot):
+    """What a checkpoint holds: step, world size, layout, checksum status, and per value pool its
+    shape, dtype, shard map, usage metrics and value norms (read a chunk at a time).
+
+    \b
+    Example:
+      memray inspect runs/demo --slot 42
+    """
+    from memray.checkpoint.inspect import describe, format_description
+
+    description = describe(checkpoint, pool, slot)
+    click.echo(json.dumps(description) if as_json else format_description(description))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["safetensors"]), default="safetensors", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The file to write.")
+def export(checkpoint, fmt, out):
+    """Write the whole model (dense weights and every value pool, gathered) into one file.
+
+    The pools are assembled in memory: for tables larger than RAM read memory.zarr directly.
+
+    \b
+    Example:
+      memray export runs/demo --format safetensors --out demo.safetensors
+    """
+    from safetensors.torch import save_file
+
+    from memray.train.trainer import load_trained_model
+
+    model, _, ckpt, manifest = load_trained_model(checkpoint)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, out, metadata={"step": str(manifest["step"]), "checkpoint": str(ckpt)})
+    click.echo(f"wrote {out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters and buffers")
+
+
+@main.command()
 @click.option("--memory-params", required=True, help="Value-table parameters per pool: 128e9, 1.07B, 4M, 2000000.")
 @click.option("--value-dim", default="4096", show_default=True, help="Value dim D.")
 @click.option("--gpu-mem", required=True, help="Memory of one GPU: 80GiB, 80GB, 85899345920.")

@@ -154,6 +154,19 @@ def test_cli_workers_give_the_single_process_losses(workers, tmp_path):
         assert (one_model(tokens) - many_model(tokens)).abs().max() <= 1e-4
     assert torch.equal(one_model.pools["layer1"].usage_count, many_model.pools["layer1"].usage_count)
     assert (tmp_path / "many" / "checkpoints" / "step-00000020" / "memory.zarr").is_dir()
+    # inspect reads both kinds of checkpoint alike, and `--slot` reports one slot
+    one_info, many_info = (json.loads(_cli("inspect", str(tmp_path / d), "--json", "--slot", "7").stdout)["pools"]["layer1"]
+                           for d in ("one", "many"))
+    assert many_info["lookups"] == one_info["lookups"] == 20 * 8 * 64 * 16
+    assert many_info["slot"]["usage_count"] == one_info["slot"]["usage_count"]
+    assert len(many_info["shard_map"]) == workers
+    # export gathers the shards into one safetensors file
+    exported = _cli("export", str(tmp_path / "many"), "--out", str(tmp_path / "many.safetensors"))
+    assert exported.returncode == 0, exported.stderr
+    from safetensors.torch import load_file
+
+    flat = load_file(str(tmp_path / "many.safetensors"))
+    assert torch.equal(flat["pools.layer1.weight"], many_model.pools["layer1"].weight.detach())
     facts = tmp_path / "many" / "data" / "facts.jsonl"
     evaluated = _cli("eval", str(tmp_path / "many"), "--facts", str(facts), "--limit", "5", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
