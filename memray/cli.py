@@ -48,13 +48,16 @@ def main(ctx, debug):
 @click.option("--no-progress", is_flag=True, help="Log lines instead of a progress bar.")
 @click.option("--workers", type=int, help="Train on N local processes (DeepSpeed ZeRO + sharded value pools; "
               "sets distributed.workers). Without it: one process.")
-def train(config, overrides, run_dir, no_progress, workers):
+@click.option("--resume", type=click.Path(), help="Continue from a checkpoint (or a run directory's newest), "
+              "saved on any number of processes.")
+def train(config, overrides, run_dir, no_progress, workers, resume):
     """Train a model from CONFIG: a bundled config name or a YAML file.
 
     \b
     Example:
       memray train tiny --set train.steps=50 --set model.memory.knn=16
       memray train tiny --workers 2 --set distributed.zero_stage=2 --set model.memory.layout=column
+      memray train tiny --workers 3 --resume runs/tiny-20260101-000000   # any world size
     """
     from memray.train import Trainer, load_run_config, train_local
 
@@ -63,9 +66,12 @@ def train(config, overrides, run_dir, no_progress, workers):
     run_config = load_run_config(config, list(overrides))
     progress = not no_progress and sys.stderr.isatty()
     if run_config.distributed.workers >= 1:
-        result = train_local(run_config, run_dir, progress)
+        result = train_local(run_config, run_dir, progress, resume)
     else:
-        result = Trainer(run_config, run_dir=run_dir, progress=progress).fit()
+        trainer = Trainer(run_config, run_dir=run_dir, progress=progress)
+        if resume:
+            trainer.resume(resume)
+        result = trainer.fit()
     click.echo(json.dumps(result))
 
 

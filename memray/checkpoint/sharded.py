@@ -13,19 +13,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from memray.errors import InputError
 
 from . import COMMITTED, _sha256, begin_checkpoint, checkpoint_name, commit_checkpoint, find_checkpoint, write_weights
 from .pools import STORE, read_rows, verify_chunks, write_pool
 
+OPTIMIZER = "optimizer.safetensors"
+
 
 def save_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch.Tensor] | None, config_yaml: str,
-                            pools: dict, *, group=None, keep_last: int = 0, attrs: dict | None = None) -> Path:
+                            pools: dict, *, group=None, keep_last: int = 0, attrs: dict | None = None,
+                            dense_optimizer: dict[str, torch.Tensor] | None = None) -> Path:
     """Collective over ``group``: ``pools`` maps name -> (table, {key: this rank's tensor}).
 
-    Rank 0 writes the dense weights (``dense_state``, ignored elsewhere) and commits once every
-    rank's chunks are written. Returns the checkpoint directory.
+    Rank 0 writes the dense weights (``dense_state``) and the dense optimizer's tensors
+    (``dense_optimizer``, to ``optimizer.safetensors``; both ignored elsewhere) and commits once
+    every rank's chunks are written. Returns the checkpoint directory.
     """
     import zarr
 
@@ -49,6 +54,9 @@ def save_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch.
             "pools": {name: {"num_rows": t.num_rows, "dim": t.dim, "arrays": sorted(ts)} for name, (t, ts) in pools.items()},
         })
         files = write_weights(tmp, dense_state or {}, config_yaml)
+        if dense_optimizer is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in dense_optimizer.items()}, str(tmp / OPTIMIZER))
+            files[OPTIMIZER] = _sha256(tmp / OPTIMIZER)
         files.update({str(p.relative_to(tmp)): _sha256(p) for p in sorted((tmp / STORE).rglob("zarr.json"))})
         final = commit_checkpoint(root, tmp, step, files, keep_last=keep_last, chunks=chunks)
     if distributed:
@@ -66,16 +74,26 @@ def read_manifest(path: str | Path) -> tuple[Path, dict]:
     return ckpt, manifest
 
 
-def verify_checkpoint(path: str | Path) -> tuple[Path, dict]:
-    """Check every file and chunk against the manifest; InputError names the first damage."""
+def verify_checkpoint(path: str | Path, chunks: bool = True) -> tuple[Path, dict]:
+    """Check every file (and chunk) against the manifest; InputError names the first damage."""
     ckpt, manifest = read_manifest(path)
     for rel, digest in sorted(manifest["files"].items()):
         if not (ckpt / rel).is_file():
             raise InputError(f"checkpoint {ckpt}: {rel} is missing")
         if _sha256(ckpt / rel) != digest:
             raise InputError(f"checkpoint {ckpt}: {rel} is damaged (checksum mismatch)")
-    verify_chunks(ckpt / STORE, manifest.get("chunks", {}))
+    if chunks:
+        verify_chunks(ckpt / STORE, manifest.get("chunks", {}))
     return ckpt, manifest
+
+
+def load_training_state(path: str | Path) -> tuple[Path, dict, dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(checkpoint, manifest, group attributes, dense weights, dense optimizer tensors) to resume
+    from; files are checked here, chunks when each rank reads its rows."""
+    ckpt, manifest = verify_checkpoint(path, chunks=False)
+    if OPTIMIZER not in manifest["files"] or not (ckpt / STORE).is_dir():
+        raise InputError(f"checkpoint {ckpt} holds no training state to resume from (weights only)")
+    return ckpt, manifest, pool_info(ckpt), load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / OPTIMIZER))
 
 
 def pool_info(ckpt: Path) -> dict:

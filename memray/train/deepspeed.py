@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import warnings
 
 import torch
@@ -76,8 +75,9 @@ def build_engine(model: Transformer, config: RunConfig, micro_batch: int, world_
     if config.distributed.zero_stage == 3 and model.head is None:
         # the tied output projection reads the embedding outside the embedding's own forward
         deepspeed.zero.register_external_parameter(model, model.embed.weight)
-    # DeepSpeed prints build messages on stdout, which carries a command's result: keep it clean
-    with contextlib.redirect_stdout(sys.stderr):
+    # DeepSpeed prints op-build messages on stdout, which carries a command's result, and a
+    # failing run's one-line error must stay one line: they are dropped (warnings still log)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         engine, optimizer, _, _ = deepspeed.initialize(
             model=wrapper, optimizer=optimizer, config=ds_config(config, micro_batch, world_size, bf16)
         )
@@ -94,3 +94,88 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _named(engine):
+    return list(engine.module.model.named_parameters())
+
+
+def _link_optimizer_state(engine) -> None:
+    """ZeRO-1/2 link each parameter to its slice of the optimizer state once, after the first
+    step of the first parameter group, when the other groups have no state yet (DeepSpeed
+    0.19.8); linking again once every group has state makes every slice reachable."""
+    if engine.zero_optimization_stage() in (1, 2):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def full_adam_moments(engine) -> dict[str, torch.Tensor]:
+    """Every dense parameter's whole ``exp_avg``/``exp_avg_sq`` on every rank (collective under
+    ZeRO: partitions are assembled), keyed ``<moment>.<parameter name>``: independent of the
+    world size and ZeRO stage that saved them."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if _has_state(engine):
+        _link_optimizer_state(engine)
+    out = {}
+    stage = engine.zero_optimization_stage()
+    for name, p in _named(engine):
+        for key in ("exp_avg", "exp_avg_sq"):
+            if stage == 0:
+                state = engine.optimizer.state.get(p, {})
+                value = state.get(key)
+            else:
+                value = safe_get_full_optimizer_state(p, key) if _has_state(engine) else None
+            out[f"{key}.{name}"] = (torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+                                    if value is None else value.detach().float().cpu().clone().view(
+                                        p.ds_shape if hasattr(p, "ds_shape") else p.shape))
+    return out
+
+
+def _has_state(engine) -> bool:
+    base = engine.optimizer.optimizer if engine.zero_optimization_stage() else engine.optimizer
+    return any(base.state.get(p) for group in base.param_groups for p in group["params"])
+
+
+def _idle_step(engine, sample) -> None:
+    """A forward, backward and optimizer step that changes no weight: loss x 0, every lr 0."""
+    groups = engine.optimizer.param_groups
+    lrs = [g["lr"] for g in groups]
+    for g in groups:
+        g["lr"] = 0.0
+    engine.backward(engine(*sample) * 0.0)
+    engine.step()
+    for g, lr in zip(groups, lrs):
+        g["lr"] = lr
+    _link_optimizer_state(engine)
+
+
+def restore(engine, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step: int, sample) -> None:
+    """Load dense weights and Adam moments saved by any world size and stage (collective).
+
+    Only DeepSpeed's own paths touch its partitions: an idle step (every lr 0, loss x 0, on
+    ``sample`` = (inputs, targets)) creates the optimizer state; the saved weights go into the
+    fp32 master partitions (ZeRO) or the parameters (stage 0); a second idle step lets DeepSpeed
+    copy the masters into the model's parameters; then the saved moments and step count replace
+    what the idle steps made of them."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    stage = engine.zero_optimization_stage()
+    named = _named(engine)
+    _idle_step(engine, sample)
+    for name, p in named:
+        if stage == 0:
+            p.data.copy_(weights[name].to(p.dtype))
+        else:
+            safe_set_full_fp32_param(p, weights[name].float())
+    _idle_step(engine, sample)
+    base = engine.optimizer.optimizer if stage else engine.optimizer
+    for name, p in named:
+        for key in ("exp_avg", "exp_avg_sq"):
+            if stage == 0:
+                base.state[p][key].copy_(moments[f"{key}.{name}"])
+            else:
+                safe_set_full_optimizer_state(p, moments[f"{key}.{name}"].float(), key)
+    for state in base.state.values():
+        if "step" in state:
+            state["step"] = torch.tensor(float(step), dtype=torch.float32) if torch.is_tensor(state["step"]) else step

@@ -9,24 +9,33 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import RunConfig
-from .trainer import Trainer, default_run_dir
+from .trainer import ZERO3_RESUME, Trainer, default_run_dir
 
 
-def train_worker(config: RunConfig, run_dir: str, progress: bool = False) -> dict:
-    """Join the process group described by the environment, train, leave the group."""
+def train_worker(config: RunConfig, run_dir: str, progress: bool = False, resume: str | None = None) -> dict:
+    """Join the process group described by the environment, train (from ``resume``, a
+    checkpoint of any world size), leave the group."""
     from memray.distributed import init_distributed, shutdown_distributed
 
     ctx = init_distributed(config.distributed.backend)
     try:
-        return Trainer(config, run_dir, progress=progress, context=ctx).fit()
+        trainer = Trainer(config, run_dir, progress=progress, context=ctx)
+        if resume:
+            trainer.resume(resume)
+        return trainer.fit()
     finally:
         shutdown_distributed()
 
 
-def train_local(config: RunConfig, run_dir: str | Path | None = None, progress: bool = False) -> dict:
+def train_local(config: RunConfig, run_dir: str | Path | None = None, progress: bool = False,
+                resume: str | Path | None = None) -> dict:
     """Train on ``config.distributed.workers`` local processes; rank 0's result."""
+    from memray.checkpoint import find_checkpoint
     from memray.distributed import spawn
 
     config.check_world()  # before any process starts
+    if resume and config.distributed.zero_stage == 3:
+        raise ZERO3_RESUME
+    resume = str(find_checkpoint(resume)) if resume else None  # a missing checkpoint: one line, no spawn
     run_dir = str(run_dir or config.run_dir or default_run_dir(config))
-    return spawn(train_worker, config.distributed.workers, config, run_dir, progress)[0]
+    return spawn(train_worker, config.distributed.workers, config, run_dir, progress, resume)[0]

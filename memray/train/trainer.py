@@ -30,17 +30,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from memray.checkpoint import save_checkpoint
+from memray.checkpoint.sharded import load_pool_shard, load_training_state, save_sharded_checkpoint
 from memray.config import dump_yaml
 from memray.data import ByteTokenizer, PackedBatches, load_documents, write_facts
-from memray.data.packing import IGNORE_INDEX
+from memray.data.packing import IGNORE_INDEX, Position
 from memray.distributed.plan import balanced_ranges
+from memray.errors import ConfigError
 from memray.evaluate import fact_recall
 from memray.model import Transformer, count_parameters, usage_metrics
 from memray.model.transformer import pool_names
 from memray.optim import build_value_optimizer, clip_grads, dense_param_groups, grad_norm, lr_factor
 
 from .config import RunConfig
+
+
+# Restoring Adam moments into ZeRO-3 partitions is not exact yet; checkpoints do not depend on
+# the stage that wrote them, so a ZeRO-3 run resumes at stage 0-2.
+ZERO3_RESUME = ConfigError("distributed.zero_stage", "resuming into ZeRO-3 is not supported yet: resume with stage "
+                           "0, 1 or 2 (checkpoints do not depend on the stage that wrote them)")
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -73,7 +80,39 @@ class _LocalDense:
         return norm
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.model.state_dict().items()}
+        """The dense weights (the pools are saved with their shards)."""
+        return {k: v for k, v in self.model.state_dict().items() if not k.startswith("pools.")}
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """``exp_avg.<param>`` and ``exp_avg_sq.<param>`` of every dense parameter (zeros before
+        the first step)."""
+        return _adam_moments(self.optimizer, self._named())
+
+    def restore(self, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step: int, sample) -> None:
+        self.model.load_state_dict(weights, strict=False)
+        _set_adam_moments(self.optimizer, self._named(), moments, step)
+
+    def _named(self):
+        pools = {id(t.weight) for t in self.model.value_tables().values()}
+        return [(n, p) for n, p in self.model.named_parameters() if id(p) not in pools]
+
+
+def _adam_moments(optimizer, named) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in named:
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{key}.{name}"] = state[key].detach().clone() if key in state else torch.zeros_like(p, dtype=torch.float32)
+    return out
+
+
+def _set_adam_moments(optimizer, named, moments: dict[str, torch.Tensor], step: int) -> None:
+    """torch Adam(W) state as its own first step would create it, then the saved values."""
+    for name, p in named:
+        state = optimizer.state[p]
+        state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = moments[f"{key}.{name}"].to(device=p.device, dtype=p.dtype).clone()
 
 
 class _DeepSpeedDense:
@@ -106,6 +145,12 @@ class _DeepSpeedDense:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._ds.consolidated_state_dict(self.engine)
 
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        return self._ds.full_adam_moments(self.engine)
+
+    def restore(self, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step: int, sample) -> None:
+        self._ds.restore(self.engine, weights, moments, step, sample)
+
 
 class Trainer:
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None, progress: bool = True, context=None):
@@ -113,6 +158,7 @@ class Trainer:
         self.config = config
         self.context = context
         self.rank, self.world = (context.rank, context.world_size) if context else (0, 1)
+        self.device = context.device if context else torch.device("cpu")
         self.run_dir = Path(run_dir or config.run_dir or default_run_dir(config))
         self.progress = progress and self.rank == 0
         if config.train.threads:
@@ -218,25 +264,59 @@ class Trainer:
         return out
 
     def save(self) -> Path:
-        """A committed checkpoint: one safetensors file on one process; on N ranks the dense
-        weights (rank 0) and ``memory.zarr`` written shard by shard by every rank."""
-        root = self.run_dir / "checkpoints"
-        if self.context is None:
-            return save_checkpoint(root, self.step, self.model.state_dict(), dump_yaml(self.config),
-                                   keep_last=self.config.train.keep_last)
-        from memray.checkpoint.sharded import save_sharded_checkpoint
-
-        dense = self.dense.state_dict()  # collective under ZeRO-3
-        pools = {}
+        """A committed checkpoint (collective on N ranks): dense weights and the dense optimizer's
+        moments (rank 0), and ``memory.zarr`` with every pool, its usage and its optimizer state,
+        written shard by shard; step, tokens and data position in the group's attributes."""
+        dense, moments = self.dense.state_dict(), self.dense.optimizer_state()
+        pools, scalars = {}, {}
         for name, table in self.tables.items():
+            tensors = {"weight": table.weight.detach(), "usage_count": table.usage_count, "usage_mass": table.usage_mass}
             state = self.value_optimizer.state.get(table.weight, {}) if self.value_optimizer is not None else {}
-            pools[name] = (table, {"weight": table.weight.detach(), "usage_count": table.usage_count,
-                                   "usage_mass": table.usage_mass, **{f"optim.{k}": v for k, v in state.items()}})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == table.weight.shape[0]:
+                    tensors[f"optim.{key}"] = value
+                else:  # e.g. torch optimizers' step counts
+                    scalars.setdefault(name, {})[key] = float(value)
+            pools[name] = (table, tensors)
         c = self.config
-        attrs = {"world_size": self.world, "layout": c.model.memory.layout, "zero_stage": c.distributed.zero_stage,
-                 "data_position": {"epoch": self.batches.position.epoch, "batch": self.batches.position.batch}}
-        return save_sharded_checkpoint(root, self.step, dense if self.rank == 0 else None, dump_yaml(c), pools,
-                                       group=self.context.memory_group, keep_last=c.train.keep_last, attrs=attrs)
+        attrs = {"world_size": self.world, "layout": c.model.memory.layout if self.context else "unsharded",
+                 "zero_stage": c.distributed.zero_stage if self.context else None, "tokens": self.tokens,
+                 "data_position": {"epoch": self.batches.position.epoch, "batch": self.batches.position.batch},
+                 "value_optimizer_scalars": scalars}
+        return save_sharded_checkpoint(
+            self.run_dir / "checkpoints", self.step, dense if self.rank == 0 else None, dump_yaml(c), pools,
+            group=self.context.memory_group if self.context else None, keep_last=c.train.keep_last, attrs=attrs,
+            dense_optimizer=moments,
+        )
+
+    def resume(self, path: str | Path) -> Path:
+        """Continue from a checkpoint of this run's model saved on any number of ranks and either
+        layout (collective): weights, optimizer state, usage, step, tokens and data position."""
+        if self.context is not None and self.config.distributed.zero_stage == 3:
+            raise ZERO3_RESUME
+        ckpt, manifest, attrs, weights, moments = load_training_state(path)
+        rows = self.rows.stop - self.rows.start
+        sample = (torch.zeros(rows, self.config.data.seq_len, dtype=torch.long, device=self.device),
+                  torch.zeros(rows, self.config.data.seq_len, dtype=torch.long, device=self.device))
+        self.model.eval()  # the engine's state-creating step must not count usage
+        self.dense.restore(weights, moments, attrs["step"], sample)
+        for name, table in self.tables.items():
+            row_range = getattr(table, "row_range", (0, table.num_rows))
+            col_range = getattr(table, "col_range", (0, table.dim))
+            arrays = load_pool_shard(ckpt, name, row_range, col_range, manifest)
+            with torch.no_grad():
+                table.weight.copy_(arrays.pop("weight"))
+                table.usage_count.copy_(arrays.pop("usage_count"))
+                table.usage_mass.copy_(arrays.pop("usage_mass"))
+            table.weight.grad = None
+            if self.value_optimizer is not None:
+                state = {k.removeprefix("optim."): v.to(table.weight.device) for k, v in arrays.items()}
+                state.update({k: torch.tensor(v) for k, v in attrs.get("value_optimizer_scalars", {}).get(name, {}).items()})
+                self.value_optimizer.state[table.weight] = state
+        self.step, self.tokens = attrs["step"], attrs["tokens"]
+        self.batches.position = Position(**attrs["data_position"])
+        self._usage_snapshot = {name: self._usage(table) for name, table in self.tables.items()}
+        return ckpt
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -248,7 +328,7 @@ class Trainer:
                 group["lr"] = group["initial_lr"] * factor
         num_targets = int((targets != IGNORE_INDEX).sum())
         inputs, targets = inputs[self.rows], targets[self.rows]
-        device = self.context.device if self.context else inputs.device
+        device = self.device
         inputs, targets = inputs.to(device), targets.to(device)
         autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
