@@ -110,6 +110,34 @@ def evaluate(checkpoint, facts_path, limit, as_json):
 
 
 @main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the shards and manifest.json.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "parquet"]),
+              help="Input format (default: from each file's suffix; .jsonl/.json, .parquet, else text).")
+@click.option("--text-column", default="text", show_default=True, help="Parquet column holding the text.")
+@click.option("--shard-tokens", type=int, default=1 << 24, show_default=True, help="Tokens per shard at most.")
+@click.option("--workers", type=int, help="Processes ingesting files in parallel (default: one per core).")
+@click.option("--strict", is_flag=True, help="Stop at the first malformed record instead of rejecting it.")
+def ingest(sources, out, fmt, text_column, shard_tokens, workers, strict):
+    """Tokenize SOURCES (text, JSON lines, Parquet) into Arrow shards for training (data.source: arrow).
+
+    Malformed records are counted and written to OUT/rejects.jsonl with file:line and reason.
+
+    \b
+    Example:
+      memray ingest corpus/*.jsonl --out data/corpus
+      memray train my.yaml --set data.source=arrow --set data.path=data/corpus
+    """
+    from memray.data.ingest import ingest as run_ingest
+
+    manifest = run_ingest(list(sources), out, fmt=fmt, shard_tokens=shard_tokens, workers=workers, strict=strict,
+                          text_column=text_column)
+    t = manifest["totals"]
+    click.echo(f"{out}: {t['written']:,} documents, {t['tokens']:,} tokens in {len(manifest['shards'])} shard(s); "
+               f"{t['rejected']:,} rejected of {t['read']:,} read (see {out}/rejects.jsonl)")
+
+
+@main.command()
 @click.argument("checkpoint", type=click.Path())
 def verify(checkpoint):
     """Check every file and chunk of a checkpoint against its manifest (exit 2 on damage).

@@ -13,8 +13,9 @@ from .tokenizer import ByteTokenizer
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: Literal["synthetic", "facts", "text"] = "synthetic"
-    path: str | None = None  # facts JSONL (source: facts) or a UTF-8 text file (source: text)
+    source: Literal["synthetic", "facts", "text", "arrow"] = "synthetic"
+    # facts JSONL (facts), a UTF-8 text file (text), a directory of `memray ingest` shards (arrow)
+    path: str | None = None
     num_entities: int = 400  # synthetic: facts = num_entities * num_attributes
     num_attributes: int = 5
     seed: int = 0
@@ -33,6 +34,10 @@ class DataConfig:
 
 def load_documents(config: DataConfig, tokenizer: ByteTokenizer) -> tuple[list[list[int]], list[Fact] | None]:
     """Token documents for training, and the facts they state (None for plain text)."""
+    if config.source == "arrow":
+        from .arrow import ArrowDocuments
+
+        return ArrowDocuments(config.path), None
     if config.source == "text":
         path = Path(config.path)
         try:

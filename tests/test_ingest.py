@@ -1,0 +1,102 @@
+"""memray ingest: text, JSON lines and Parquet into checked Arrow shards, and reading them back."""
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from memray.data import ByteTokenizer, DataConfig, load_documents
+from memray.data.arrow import ArrowDocuments
+from memray.data.ingest import ingest
+from memray.errors import InputError
+
+TEXTS = ["Hello world.\nsecond line", "Para two.", "doc one", "X was born in Cork", "alpha", "beta"]
+
+
+@pytest.fixture
+def sources(tmp_path):
+    (tmp_path / "a.txt").write_text("Hello world.\nsecond line\n\n\nPara two.\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "doc one"}\nnot json\n{"prompt": "X was born in", "answer": "Cork"}\n'
+                                      '{"foo": 1}\n\n')
+    (tmp_path / "d.txt").write_bytes(b"caf\xe9 latin-1\n")  # not UTF-8
+    pq.write_table(pa.table({"text": ["alpha", None, "beta", ""]}), tmp_path / "c.parquet")
+    return [tmp_path / n for n in ("a.txt", "b.jsonl", "c.parquet", "d.txt")]
+
+
+def test_ingest_counts_rejects_and_round_trip(sources, tmp_path):
+    manifest = ingest(sources, tmp_path / "out", shard_tokens=20, workers=2)
+    totals = manifest["totals"]
+    assert totals == {"read": 11, "written": 6, "rejected": 5, "tokens": sum(len(t.encode()) + 2 for t in TEXTS)}
+    for source in manifest["sources"]:
+        assert source["read"] == source["written"] + source["rejected"]
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(os.path.basename(r["file"]), r["line"]) for r in rejects] == [
+        ("b.jsonl", 2), ("b.jsonl", 4), ("c.parquet", 2), ("c.parquet", 4), ("d.txt", 1)]
+    assert "not JSON" in rejects[0]["reason"] and "null" in rejects[2]["reason"] and "UTF-8" in rejects[4]["reason"]
+    assert len(manifest["shards"]) > len(sources) - 1  # 20-token shards: sources split over several
+    documents = ArrowDocuments(tmp_path / "out")
+    tokenizer = ByteTokenizer()
+    assert [tokenizer.decode(documents[i][1:]) for i in range(len(documents))] == TEXTS
+    assert all(documents[i][0] == tokenizer.bos_id and documents[i][-1] == tokenizer.eos_id for i in range(len(documents)))
+
+
+def test_parallel_ingest_writes_the_same_shards(sources, tmp_path):
+    one = ingest(sources, tmp_path / "one", workers=1)
+    two = ingest(sources, tmp_path / "two", workers=2)
+    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+
+
+def test_strict_and_bad_inputs_are_one_line(sources, tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "memray.cli", "ingest", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True)
+    for args, needle in (((sources[1], "--out", tmp_path / "s", "--strict"), "b.jsonl:2: not JSON"),
+                         ((tmp_path / "missing.txt", "--out", tmp_path / "m"), "input not found"),
+                         ((sources[2], "--out", tmp_path / "p", "--text-column", "body"), "no column 'body'")):
+        result = run(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+    ok = run(sources[0], "--out", tmp_path / "ok")
+    assert ok.returncode == 0 and "2 documents" in ok.stdout
+    again = run(sources[0], "--out", tmp_path / "ok")  # never overwrites finished shards
+    assert again.returncode == 2 and "already holds" in again.stderr
+
+
+def test_reader_refuses_damage(sources, tmp_path):
+    manifest = ingest(sources, tmp_path / "out", workers=1)
+    shard = tmp_path / "out" / manifest["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=manifest["shards"][0]["file"] + " is damaged"):
+        ArrowDocuments(tmp_path / "out")
+
+
+def test_training_reads_arrow_shards(sources, tmp_path):
+    ingest(sources, tmp_path / "out", workers=1)
+    documents, facts = load_documents(DataConfig(source="arrow", path=str(tmp_path / "out")), ByteTokenizer())
+    assert facts is None and len(documents) == len(TEXTS)
+
+
+_STREAM = """
+import resource, sys
+from memray.data.ingest import ingest
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ingest([sys.argv[1]], sys.argv[2], shard_tokens=1 << 20, workers=1)
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_ingest_streams_with_bounded_memory(tmp_path):
+    """16 MiB of text (16M tokens): held whole as token lists it would take > 128 MiB."""
+    paragraph = ("lorem ipsum dolor sit amet " * 20 + "\n\n").encode()
+    with open(tmp_path / "big.txt", "wb") as f:
+        for _ in range((16 << 20) // len(paragraph)):
+            f.write(paragraph)
+    result = subprocess.run([sys.executable, "-c", _STREAM, str(tmp_path / "big.txt"), str(tmp_path / "out")],
+                            capture_output=True, text=True, check=True)
+    before, after = map(int, result.stdout.split())
+    assert (after - before) / 1024 < 64, f"peak RSS grew by {(after - before) / 1024:.0f} MiB"
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["totals"]["tokens"] > 15 << 20
