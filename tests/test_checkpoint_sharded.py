@@ -166,3 +166,17 @@ def test_killed_save_leaves_the_previous_checkpoint(tmp_path):
     assert load_pool_shard(root, "values", (0, 64), (0, 256))["weight"].shape == (64, 256)
     subprocess.run([sys.executable, "-c", _WRITER, str(root), "4096"], check=True, capture_output=True)
     assert find_checkpoint(root).name == "step-00000002" and not (root / ".tmp-step-00000002").exists()
+
+
+def test_bench_checkpoint_smoke(tmp_path):
+    """The benchmark's plumbing at a toy size: every method saves and loads, files and figures appear."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    summary = bench.main(["--log2-rows", "10", "--reps", "1", "--out", str(tmp_path), "--dir", str(tmp_path)])
+    assert summary["save_memray_vs_raw"] > 0 and summary["load_memray_vs_torch"] > 0
+    assert "| load | memray |" in (tmp_path / "bench_checkpoint.md").read_text()
