@@ -100,3 +100,17 @@ def test_ingest_streams_with_bounded_memory(tmp_path):
     before, after = map(int, result.stdout.split())
     assert (after - before) / 1024 < 64, f"peak RSS grew by {(after - before) / 1024:.0f} MiB"
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["totals"]["tokens"] > 15 << 20
+
+
+def test_bench_ingest_smoke(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ingest.py"
+    spec = importlib.util.spec_from_file_location("bench_ingest", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    summary = bench.main(["--mib", "1", "--files", "2", "--reps", "1", "--out", str(tmp_path)])
+    assert summary["tokens_per_s/w1"] > 0 and summary["tokens_per_s/w2"] > 0
+    text = (tmp_path / "bench_ingest.md").read_text()
+    assert "| 1 | " in text and "| 2 | " in text
