@@ -139,6 +139,28 @@ def ingest(sources, out, fmt, text_column, shard_tokens, workers, strict):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the per-rank shards.")
+@click.option("--world-size", required=True, type=int, help="Ranks to reshard for.")
+@click.option("--layout", type=click.Choice(["row", "column"]), default="row", show_default=True)
+def restore(checkpoint, out, world_size, layout):
+    """Reshard CHECKPOINT's value pools offline for WORLD_SIZE ranks of LAYOUT.
+
+    Writes OUT/rank-XXXXX.safetensors (that rank's part of every pool array) and OUT/restore.json,
+    reading one rank's rows or columns at a time. Training resumes on any world size directly
+    (memray train --resume); this is for tools and inspection.
+
+    \b
+    Example:
+      memray restore runs/exp1 --out runs/exp1-w4 --world-size 4 --layout column
+    """
+    from memray.checkpoint.sharded import restore_offline
+
+    summary = restore_offline(checkpoint, out, world_size, layout)
+    click.echo(f"{out}: {world_size} {layout}-layout shard file(s) of step {summary['step']} from {summary['source']}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
 def verify(checkpoint):
     """Check every file and chunk of a checkpoint against its manifest (exit 2 on damage).
 
@@ -160,17 +182,18 @@ def verify(checkpoint):
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 @click.option("--pool", help="Only this value pool.")
 @click.option("--slot", type=int, help="Also this slot: its value norm, usage and the layers that read it.")
-def inspect(checkpoint, as_json, pool, slot):
+@click.option("--usage-png", type=click.Path(dir_okay=False), help="Draw each pool's usage (histogram, key-grid heat map).")
+def inspect(checkpoint, as_json, pool, slot, usage_png):
     """What a checkpoint holds: step, world size, layout, checksum status, and per value pool its
     shape, dtype, shard map, usage metrics and value norms (read a chunk at a time).
 
     \b
     Example:
-      memray inspect runs/demo --slot 42
+      memray inspect runs/demo --slot 42 --usage-png usage.png
     """
     from memray.checkpoint.inspect import describe, format_description
 
-    description = describe(checkpoint, pool, slot)
+    description = describe(checkpoint, pool, slot, usage_png)
     click.echo(json.dumps(description) if as_json else format_description(description))
 
 

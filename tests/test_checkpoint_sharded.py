@@ -180,3 +180,35 @@ def test_bench_checkpoint_smoke(tmp_path):
     summary = bench.main(["--log2-rows", "10", "--reps", "1", "--out", str(tmp_path), "--dir", str(tmp_path)])
     assert summary["save_memray_vs_raw"] > 0 and summary["load_memray_vs_torch"] > 0
     assert "| load | memray |" in (tmp_path / "bench_checkpoint.md").read_text()
+
+
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_offline_restore_writes_each_ranks_part(saved, layout, tmp_path):
+    from safetensors.torch import load_file
+
+    from memray.checkpoint.sharded import restore_offline
+
+    path, full = saved
+    summary = restore_offline(path, tmp_path / "r", 3, layout)
+    for rank, entry in enumerate(summary["ranks"]):
+        (r0, r1), (c0, c1) = entry["ranges"]["values"]["rows"], entry["ranges"]["values"]["cols"]
+        tensors = load_file(str(tmp_path / "r" / entry["file"]))
+        for key, expected in full.items():
+            got = tensors[f"values/{key}"]
+            got = (got.view(torch.int16) if got.dtype == torch.bfloat16 else got).numpy()
+            want = expected[r0:r1] if expected.ndim == 1 else expected[r0:r1, c0:c1]
+            assert np.array_equal(got, want), (layout, rank, key)
+
+
+def test_offline_restore_names_a_damaged_chunk(saved, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    path = tmp_path / "copy"
+    shutil.copytree(saved[0], path)
+    (path / "memory.zarr" / "values" / "usage_count" / "c" / "2").unlink()
+    result = subprocess.run([sys.executable, "-m", "memray.cli", "restore", str(path), "--out", str(tmp_path / "r"),
+                             "--world-size", "2"], capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "'values/usage_count' chunk 2 is missing" in lines[0], result.stderr

@@ -160,6 +160,9 @@ def test_cli_workers_give_the_single_process_losses(workers, tmp_path):
     assert many_info["lookups"] == one_info["lookups"] == 20 * 8 * 64 * 16
     assert many_info["slot"]["usage_count"] == one_info["slot"]["usage_count"]
     assert len(many_info["shard_map"]) == workers
+    png = tmp_path / "usage.png"
+    assert _cli("inspect", str(tmp_path / "many"), "--usage-png", str(png)).returncode == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # export gathers the shards into one safetensors file
     exported = _cli("export", str(tmp_path / "many"), "--out", str(tmp_path / "many.safetensors"))
     assert exported.returncode == 0, exported.stderr

@@ -42,7 +42,36 @@ def _pool_reader(ckpt: Path, manifest: dict, name: str):
     return rows, dim, read(0, 1, "weight").dtype, read
 
 
-def describe(path: str | Path, pool: str | None = None, slot: int | None = None) -> dict:
+def usage_png(counts: dict[str, torch.Tensor], path: str | Path, title: str) -> None:
+    """Per pool: a histogram of how often slots were read, and the reads on the product-key grid
+    (slot i * n_keys + j at row i, column j), both on log scales."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(counts), 2, figsize=(10, 4 * len(counts)), squeeze=False)
+    for (name, count), (hist, grid) in zip(counts.items(), axes):
+        reads = count.double()
+        hist.hist(torch.log10(reads + 1).numpy(), bins=50)
+        hist.set(title=f"{name}: reads per slot", xlabel="log10(reads + 1)", ylabel="slots", yscale="log")
+        side = math.isqrt(reads.numel())
+        if side * side == reads.numel():
+            image = grid.imshow(torch.log10(reads + 1).view(side, side).numpy(), cmap="viridis", interpolation="nearest")
+            grid.set(title=f"{name}: reads on the key grid (log10)", xlabel="second sub-key j", ylabel="first sub-key i")
+            fig.colorbar(image, ax=grid)
+        else:
+            grid.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def describe(path: str | Path, pool: str | None = None, slot: int | None = None,
+             usage_png_path: str | Path | None = None) -> dict:
     """Step, world size, layout, checksum status and, per pool, shape, dtype, usage metrics and
     value norms; with ``slot``, that slot's value norm, usage and the layers that read it."""
     from memray.model import usage_metrics
@@ -58,6 +87,7 @@ def describe(path: str | Path, pool: str | None = None, slot: int | None = None)
     out = {"checkpoint": str(ckpt), "step": manifest["step"], "world_size": attrs.get("world_size", 1),
            "layout": attrs.get("layout", "unsharded"), "checksums": "ok",
            "files": len(manifest["files"]), "chunks": len(manifest.get("chunks", {})), "pools": {}}
+    counts = {}
     for name, layers in readers.items():
         rows, dim, dtype, read = _pool_reader(ckpt, manifest, name)
         norms = torch.cat([read(a, min(a + ROWS_PER_READ, rows), "weight").float().norm(dim=1)
@@ -74,6 +104,10 @@ def describe(path: str | Path, pool: str | None = None, slot: int | None = None)
             entry["slot"] = {"index": slot, "value_norm": float(norms[slot]), "usage_count": int(count[slot]),
                              "usage_mass": float(mass[slot]), "layers": layers}
         out["pools"][name] = entry
+        counts[name] = count
+    if usage_png_path is not None:
+        usage_png(counts, usage_png_path, f"{ckpt.name}: slot usage since the run began")
+        out["usage_png"] = str(usage_png_path)
     return out
 
 

@@ -119,3 +119,47 @@ def load_pool_shard(path: str | Path, name: str, row_range: tuple[int, int], col
         raise InputError(f"checkpoint {ckpt}: no value pool '{name}' (it has {sorted(info)})")
     return {key: read_rows(ckpt / STORE, name, key, row_range, col_range, manifest.get("chunks", {}))
             for key in info[name]["arrays"]}
+
+
+def restore_offline(path: str | Path, out: str | Path, world_size: int, layout: str = "row") -> dict:
+    """Reshard a checkpoint's pools for ``world_size`` ranks of ``layout`` without any process
+    group: ``out/rank-XXXXX.safetensors`` holds rank r's shard of every pool array
+    (``<pool>/<array>``), read one rank at a time (only the chunks holding its rows; each chunk
+    checked), and ``out/restore.json`` the source, step, layout, every rank's row and column
+    ranges and every file's SHA-256, written last."""
+    from memray.distributed.plan import balanced_ranges
+
+    ckpt, manifest = read_manifest(path)
+    pools = pool_info(ckpt).get("pools", {})
+    if not pools:
+        raise InputError(f"checkpoint {ckpt} holds no value pools to restore")
+    if layout not in ("row", "column"):
+        raise InputError(f"--layout must be row or column, got {layout!r}")
+    for name, info in pools.items():
+        limit = info["num_rows"] if layout == "row" else info["dim"]
+        if not 1 <= world_size <= limit:
+            raise InputError(f"--world-size {world_size}: pool '{name}' has {limit} "
+                             f"{'rows' if layout == 'row' else 'value columns'} to split")
+    out = Path(out)
+    if (out / "restore.json").exists():
+        raise InputError(f"{out} already holds a restore (restore.json); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = []
+    for rank in range(world_size):
+        tensors, ranges = {}, {}
+        for name, info in pools.items():
+            if layout == "row":
+                rows, cols = balanced_ranges(info["num_rows"], world_size)[rank], (0, info["dim"])
+            else:
+                rows, cols = (0, info["num_rows"]), balanced_ranges(info["dim"], world_size)[rank]
+            ranges[name] = {"rows": list(rows), "cols": list(cols)}
+            for key, tensor in load_pool_shard(ckpt, name, rows, cols, manifest).items():
+                tensors[f"{name}/{key}"] = tensor.contiguous()
+        file = out / f"rank-{rank:05d}.safetensors"
+        save_file(tensors, str(file))
+        ranks.append({"file": file.name, "sha256": _sha256(file), "ranges": ranges})
+    summary = {"source": str(ckpt), "step": manifest["step"], "world_size": world_size, "layout": layout, "ranks": ranks}
+    tmp = out / "restore.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(out / "restore.json")
+    return summary
