@@ -8,7 +8,6 @@ directory that readers take for a checkpoint; readers ignore directories without
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,26 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memray.errors import InputError
+from memray.files import fsync as _fsync
+from memray.files import sha256_file as _sha256
 
 COMMITTED = "COMMITTED"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_name(step: int) -> str:

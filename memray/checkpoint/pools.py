@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from memray.distributed.plan import balanced_ranges
 from memray.errors import InputError
+from memray.files import sha256_file
 
 STORE = "memory.zarr"
 CHUNK_BYTES = 64 << 20  # target size of one chunk file
@@ -52,14 +53,6 @@ def _from_numpy(a: np.ndarray, dtype_name: str) -> torch.Tensor:
     if dtype_name == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _chunk_path(array_dir: Path, chunk: int, ndim: int) -> Path:
@@ -182,7 +175,7 @@ def verify_chunks(store: Path, checksums: dict[str, str], names: list[str] | Non
         array, chunk = rel.split("/c/")
         if not path.is_file():
             raise InputError(f"checkpoint {store.parent}: array '{array}' chunk {chunk} is missing")
-        if _sha256_file(path) != digest:
+        if sha256_file(path) != digest:
             raise InputError(f"checkpoint {store.parent}: array '{array}' chunk {chunk} is damaged (checksum mismatch)")
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from memray.errors import InputError
 
-from .ingest import MANIFEST, SCHEMA_VERSION, _sha256
+from memray.files import sha256_file
+
+from .ingest import MANIFEST, SCHEMA_VERSION
 from .tokenizer import ByteTokenizer
 
 
@@ -42,7 +44,7 @@ class ArrowDocuments:
             path = self.directory / shard["file"]
             if not path.is_file():
                 raise InputError(f"{self.directory}: shard {shard['file']} is missing")
-            if verify and _sha256(path) != shard["sha256"]:
+            if verify and sha256_file(path) != shard["sha256"]:
                 raise InputError(f"{self.directory}: shard {shard['file']} is damaged (checksum mismatch)")
             table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
             self._columns.append(table.column("tokens").combine_chunks())

@@ -17,13 +17,13 @@ row number).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from memray.errors import InputError
+from memray.files import sha256_file
 
 from .tokenizer import ByteTokenizer
 
@@ -105,14 +105,6 @@ def _decode(raw: bytes):
         return _Reject(f"invalid UTF-8 ({exc.reason} at byte {exc.start})")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ingest_file(index: int, path: str, fmt: str, out: str, shard_tokens: int, strict: bool, text_column: str) -> dict:
     """Ingest one source into ``out/<index>-<shard>.arrow``; counts, shards and rejects."""
     import pyarrow as pa
@@ -136,7 +128,7 @@ def ingest_file(index: int, path: str, fmt: str, out: str, shard_tokens: int, st
             flush()
             writer.close()
             shards.append({"file": shard_path.name, "documents": shard_docs, "tokens": shard_token_count,
-                           "sha256": _sha256(shard_path)})
+                           "sha256": sha256_file(shard_path)})
             writer = None
 
     for line, text in _records(source, fmt, text_column):
