@@ -69,3 +69,19 @@ def test_resume_refuses_damage_and_zero3(two_rank_run, tmp_path):
         result = _cli("train", "tiny", "--workers", "2", *extra, "--run-dir", str(tmp_path / "r"), "--resume", str(ckpt))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_async_checkpoints_equal_the_state_at_their_step(two_rank_run, tmp_path):
+    """Checkpoints written by a thread while training went on hold the state of their own step:
+    resuming from the step-10 one reproduces the uninterrupted losses exactly."""
+    result = _cli("train", "tiny", "--workers", "2", "--set", "distributed.zero_stage=2", "--run-dir", str(tmp_path / "a"),
+                  "--no-progress", *SAVE, "--set", "train.checkpoint_every=5", "--set", "train.async_checkpoint=true")
+    assert result.returncode == 0, result.stderr
+    assert _losses(tmp_path / "a") == _losses(two_rank_run)  # saving in the background changes nothing
+    steps = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert steps == ["step-00000005", "step-00000010", "step-00000015", "step-00000020"]
+    assert _cli("verify", str(tmp_path / "a" / "checkpoints" / "step-00000015")).returncode == 0
+    resumed = _cli("train", "tiny", "--workers", "2", "--set", "distributed.zero_stage=2", "--run-dir", str(tmp_path / "b"),
+                   "--no-progress", "--set", "train.log_every=1", "--resume", str(tmp_path / "a" / "checkpoints" / "step-00000010"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(tmp_path / "b") == _losses(two_rank_run)[10:]

@@ -107,13 +107,22 @@ def write_pool(store: Path, name: str, tensors: dict[str, torch.Tensor], table, 
     ``tensors``: key -> this rank's shard (rows x columns as ``table`` holds them; per-row
     tensors [rows]). Returns {relative chunk path: sha256} of the chunks this rank wrote.
     """
+    return write_chunks(store, prepare_pool(store, name, tensors, table, group))
+
+
+def prepare_pool(store: Path, name: str, tensors: dict[str, torch.Tensor], table, group=None,
+                 snapshot: bool = False) -> list[tuple[str, int, int, int, np.ndarray]]:
+    """The collective half of :func:`write_pool`: array metadata (rank 0), the rows exchanged so
+    this rank holds whole chunks. Returns (array path, first chunk, chunk rows, array ndim, rows
+    as little-endian numpy) per array, for :func:`write_chunks`; with ``snapshot`` the rows are
+    copies, so training may change the tensors while the chunks are written."""
     import zarr
 
     world = getattr(table, "world", 1)
     rank = getattr(table, "rank", 0)
     ranges = balanced_ranges(table.num_rows, world)
     my_start, _ = ranges[rank]
-    written = {}
+    jobs = []
     for key, local in tensors.items():
         rows = _to_row_layout(local, table, group) if world > 1 else local
         array_path = f"{name}/{key}"
@@ -130,29 +139,37 @@ def write_pool(store: Path, name: str, tensors: dict[str, torch.Tensor], table, 
             array.attrs["memray_dtype"] = dtype_name
         if world > 1:
             dist.barrier(group=group)
-        rows = _with_next_rows(rows, ranges, chunk_rows, rank, group) if world > 1 else rows
-        # now rows = global rows [begin, end): whole chunks, the first one starting in my range
-        first_chunk = -(-my_start // chunk_rows)
-        begin = first_chunk * chunk_rows
-        end = begin + rows.shape[0]
-        # chunk files written directly (the array's only codec is little-endian ``bytes``, so a
-        # chunk file is the chunk's raw bytes, the last one padded to a whole chunk), hashed from
-        # the same buffer: one pass over the data
+            rows = _with_next_rows(rows, ranges, chunk_rows, rank, group)  # a new tensor
+        elif snapshot:
+            rows = rows.detach().clone()
+        # now rows = global rows [first chunk * chunk_rows, ...): whole chunks, the first one
+        # starting in my range
         data, _ = _to_numpy(rows)
-        data = data.astype(data.dtype.newbyteorder("<"), copy=False)
+        jobs.append((array_path, -(-my_start // chunk_rows), chunk_rows, len(shape),
+                     data.astype(data.dtype.newbyteorder("<"), copy=False)))
+    return jobs
+
+
+def write_chunks(store: Path, jobs) -> dict[str, str]:
+    """The local half of :func:`write_pool`: chunk files written directly (the arrays' only codec
+    is little-endian ``bytes``, so a chunk file is the chunk's raw bytes, the last one padded to
+    a whole chunk) and hashed from the same buffers. Thread-safe; needs no process group."""
+    written = {}
+    for array_path, first_chunk, chunk_rows, ndim, data in jobs:
+        begin = first_chunk * chunk_rows
 
         def write_chunk(chunk: int) -> tuple[str, str]:
             block = data[chunk * chunk_rows - begin:(chunk + 1) * chunk_rows - begin]
             if block.shape[0] < chunk_rows:
                 block = np.concatenate([block, np.zeros((chunk_rows - block.shape[0], *block.shape[1:]), block.dtype)])
             raw = memoryview(np.ascontiguousarray(block)).cast("B")  # no copy for whole chunks
-            path = _chunk_path(store / array_path, chunk, len(shape))
+            path = _chunk_path(store / array_path, chunk, ndim)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as handle:
                 handle.write(raw)
             return str(path.relative_to(store)), hashlib.sha256(raw).hexdigest()
 
-        written.update(_in_threads(write_chunk, range(first_chunk, -(-end // chunk_rows))))
+        written.update(_in_threads(write_chunk, range(first_chunk, -(-(begin + data.shape[0]) // chunk_rows))))
     return written
 
 

@@ -9,6 +9,7 @@ step, the saving world size and layout and each pool's shape, so a reader needs 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from memray.errors import InputError
 
 from . import COMMITTED, _sha256, begin_checkpoint, checkpoint_name, commit_checkpoint, find_checkpoint, write_weights
-from .pools import STORE, read_rows, verify_chunks, write_pool
+from .pools import STORE, prepare_pool, read_rows, verify_chunks, write_chunks
 
 OPTIMIZER = "optimizer.safetensors"
 
@@ -32,36 +33,85 @@ def save_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch.
     (``dense_optimizer``, to ``optimizer.safetensors``; both ignored elsewhere) and commits once
     every rank's chunks are written. Returns the checkpoint directory.
     """
-    import zarr
+    return start_sharded_checkpoint(root, step, dense_state, config_yaml, pools, group=group, keep_last=keep_last,
+                                    attrs=attrs, dense_optimizer=dense_optimizer).finish()
 
+
+def start_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch.Tensor] | None, config_yaml: str,
+                             pools: dict, *, group=None, keep_last: int = 0, attrs: dict | None = None,
+                             dense_optimizer: dict[str, torch.Tensor] | None = None,
+                             background: bool = False) -> "PendingCheckpoint":
+    """The collective part of a save (the temporary directory, array metadata, the rows each rank
+    must write); the files are written now, or by a thread when ``background`` (on snapshots,
+    so training may go on). :meth:`PendingCheckpoint.finish` (collective) commits."""
     distributed = dist.is_initialized() and dist.get_world_size(group) > 1
     rank = dist.get_rank(group) if distributed else 0
     tmp = begin_checkpoint(root, step, fresh=rank == 0)
     if distributed:
         dist.barrier(group=group)
-    chunks = {}
-    for name, (table, tensors) in pools.items():
-        chunks.update(write_pool(tmp / STORE, name, tensors, table, group))
-    if distributed:
-        every = [None] * dist.get_world_size(group)
-        dist.all_gather_object(every, chunks, group=group)
-        chunks = {k: v for part in every for k, v in part.items()}
-    final = Path(root) / checkpoint_name(step)
+    jobs = [job for name, (table, tensors) in pools.items()
+            for job in prepare_pool(tmp / STORE, name, tensors, table, group, snapshot=background)]
+    dense = None
     if rank == 0:
-        store = zarr.open_group(str(tmp / STORE), mode="a")
-        store.attrs.update({
-            "step": step, **(attrs or {}),
-            "pools": {name: {"num_rows": t.num_rows, "dim": t.dim, "arrays": sorted(ts)} for name, (t, ts) in pools.items()},
-        })
-        files = write_weights(tmp, dense_state or {}, config_yaml)
-        if dense_optimizer is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in dense_optimizer.items()}, str(tmp / OPTIMIZER))
-            files[OPTIMIZER] = _sha256(tmp / OPTIMIZER)
-        files.update({str(p.relative_to(tmp)): _sha256(p) for p in sorted((tmp / STORE).rglob("zarr.json"))})
-        final = commit_checkpoint(root, tmp, step, files, keep_last=keep_last, chunks=chunks)
-    if distributed:
-        dist.barrier(group=group)
-    return final
+        dense = [{k: v.detach().clone() if background else v for k, v in d.items()} if d is not None else None
+                 for d in (dense_state or {}, dense_optimizer)]
+    pending = PendingCheckpoint(root, tmp, step, config_yaml, pools, attrs or {}, keep_last, group, rank, distributed)
+    pending.start(jobs, dense, background)
+    return pending
+
+
+class PendingCheckpoint:
+    """A save whose files are being (or have been) written; ``finish()`` commits it."""
+
+    def __init__(self, root, tmp, step, config_yaml, pools, attrs, keep_last, group, rank, distributed):
+        self.root, self.tmp, self.step, self.config_yaml = Path(root), tmp, step, config_yaml
+        self.shapes = {name: {"num_rows": t.num_rows, "dim": t.dim, "arrays": sorted(ts)} for name, (t, ts) in pools.items()}
+        self.attrs, self.keep_last, self.group, self.rank, self.distributed = attrs, keep_last, group, rank, distributed
+        self._thread, self._result = None, {}
+
+    def start(self, jobs, dense, background: bool) -> None:
+        def work():
+            try:
+                files = {}
+                if dense is not None:  # rank 0: dense weights and optimizer beside the pools
+                    files = write_weights(self.tmp, dense[0], self.config_yaml)
+                    if dense[1] is not None:
+                        save_file({k: v.detach().contiguous().cpu() for k, v in dense[1].items()}, str(self.tmp / OPTIMIZER))
+                        files[OPTIMIZER] = _sha256(self.tmp / OPTIMIZER)
+                self._result = {"chunks": write_chunks(self.tmp / STORE, jobs), "files": files}
+            except Exception as exc:  # reported collectively by finish()
+                self._result = {"error": f"{type(exc).__name__}: {exc}"}
+
+        if background:
+            self._thread = threading.Thread(target=work, name=f"checkpoint-{self.step}", daemon=True)
+            self._thread.start()
+        else:
+            work()
+
+    def finish(self) -> Path:
+        """Wait for this rank's files, gather every rank's checksums, commit on rank 0 (collective)."""
+        import zarr
+
+        if self._thread is not None:
+            self._thread.join()
+        parts = [self._result]
+        if self.distributed:
+            parts = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(parts, self._result, group=self.group)
+        errors = [p["error"] for p in parts if "error" in p]
+        if errors:
+            raise RuntimeError(f"checkpoint step {self.step} was not saved: {errors[0]}")
+        final = self.root / checkpoint_name(self.step)
+        if self.rank == 0:
+            store = zarr.open_group(str(self.tmp / STORE), mode="a")
+            store.attrs.update({"step": self.step, **self.attrs, "pools": self.shapes})
+            files = dict(self._result["files"])
+            files.update({str(p.relative_to(self.tmp)): _sha256(p) for p in sorted((self.tmp / STORE).rglob("zarr.json"))})
+            chunks = {k: v for p in parts for k, v in p["chunks"].items()}
+            final = commit_checkpoint(self.root, self.tmp, self.step, files, keep_last=self.keep_last, chunks=chunks)
+        if self.distributed:
+            dist.barrier(group=self.group)
+        return final
 
 
 def read_manifest(path: str | Path) -> tuple[Path, dict]:

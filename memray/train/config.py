@@ -20,6 +20,7 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     keep_last: int = 2  # committed checkpoints kept (0: all)
+    async_checkpoint: bool = False  # write periodic checkpoints from snapshots while training goes on
     eval_facts: int = 0  # at the end, exact-match recall on up to this many training facts
     threads: int | None = None  # torch intra-op threads; None: torch's default
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from memray.checkpoint.sharded import load_pool_shard, load_training_state, save_sharded_checkpoint
+from memray.checkpoint.sharded import load_pool_shard, load_training_state, start_sharded_checkpoint
 from memray.config import dump_yaml
 from memray.data import ByteTokenizer, PackedBatches, load_documents, write_facts
 from memray.data.packing import IGNORE_INDEX, Position
@@ -267,6 +267,11 @@ class Trainer:
         """A committed checkpoint (collective on N ranks): dense weights and the dense optimizer's
         moments (rank 0), and ``memory.zarr`` with every pool, its usage and its optimizer state,
         written shard by shard; step, tokens and data position in the group's attributes."""
+        return self.start_save(background=False).finish()
+
+    def start_save(self, background: bool):
+        """Begin a save (collective); with ``background`` the files are written from snapshots by
+        a thread while training goes on, and the returned save's ``finish()`` commits it."""
         dense, moments = self.dense.state_dict(), self.dense.optimizer_state()
         pools, scalars = {}, {}
         for name, table in self.tables.items():
@@ -283,10 +288,10 @@ class Trainer:
                  "zero_stage": c.distributed.zero_stage if self.context else None, "tokens": self.tokens,
                  "data_position": {"epoch": self.batches.position.epoch, "batch": self.batches.position.batch},
                  "value_optimizer_scalars": scalars}
-        return save_sharded_checkpoint(
+        return start_sharded_checkpoint(
             self.run_dir / "checkpoints", self.step, dense if self.rank == 0 else None, dump_yaml(c), pools,
             group=self.context.memory_group if self.context else None, keep_last=c.train.keep_last, attrs=attrs,
-            dense_optimizer=moments,
+            dense_optimizer=moments if self.rank == 0 else None, background=background,
         )
 
     def resume(self, path: str | Path) -> Path:
@@ -362,7 +367,7 @@ class Trainer:
         self.log(f"run {c.name} in {self.run_dir}{where}: {params['dense']:,} dense + {params['memory']:,} memory parameters")
         bar = tqdm(total=c.train.steps, desc=c.name, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-        last = {}
+        last, pending = {}, None
         self.model.train()
         try:
             while self.step < c.train.steps:
@@ -386,7 +391,14 @@ class Trainer:
                     self.log(f"step {self.step} loss {stats['loss']:.4f} tokens/s {last['tokens_per_s']:,.0f}")
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
                 if c.train.checkpoint_every and self.step % c.train.checkpoint_every == 0 and self.step < c.train.steps:
-                    self.log(f"saved {self.save()}")
+                    if pending is not None:
+                        self.log(f"saved {pending.finish()}")
+                    pending = self.start_save(background=c.train.async_checkpoint)
+                    if not c.train.async_checkpoint:
+                        self.log(f"saved {pending.finish()}")
+                        pending = None
+            if pending is not None:
+                self.log(f"saved {pending.finish()}")
             checkpoint = self.save()
             self.log(f"saved {checkpoint}")
         finally:
