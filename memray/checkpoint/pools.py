@@ -101,19 +101,11 @@ def _with_next_rows(rows: torch.Tensor, ranges, chunk_rows: int, rank: int, grou
     return torch.cat([rows[head:], recv.view(-1, *rows.shape[1:])])
 
 
-def write_pool(store: Path, name: str, tensors: dict[str, torch.Tensor], table, group=None) -> dict[str, str]:
-    """Write this rank's part of every tensor of pool ``name`` (collective over the table's group).
-
-    ``tensors``: key -> this rank's shard (rows x columns as ``table`` holds them; per-row
-    tensors [rows]). Returns {relative chunk path: sha256} of the chunks this rank wrote.
-    """
-    return write_chunks(store, prepare_pool(store, name, tensors, table, group))
-
-
 def prepare_pool(store: Path, name: str, tensors: dict[str, torch.Tensor], table, group=None,
                  snapshot: bool = False) -> list[tuple[str, int, int, int, np.ndarray]]:
-    """The collective half of :func:`write_pool`: array metadata (rank 0), the rows exchanged so
-    this rank holds whole chunks. Returns (array path, first chunk, chunk rows, array ndim, rows
+    """The collective half of writing this rank's part of pool ``name`` (``tensors``: key -> this
+    rank's shard, as ``table`` holds it): array metadata (rank 0), the rows exchanged so this
+    rank holds whole chunks. Returns (array path, first chunk, chunk rows, array ndim, rows
     as little-endian numpy) per array, for :func:`write_chunks`; with ``snapshot`` the rows are
     copies, so training may change the tensors while the chunks are written."""
     import zarr
@@ -151,7 +143,7 @@ def prepare_pool(store: Path, name: str, tensors: dict[str, torch.Tensor], table
 
 
 def write_chunks(store: Path, jobs) -> dict[str, str]:
-    """The local half of :func:`write_pool`: chunk files written directly (the arrays' only codec
+    """The local half, after :func:`prepare_pool`: chunk files written directly (the arrays' only codec
     is little-endian ``bytes``, so a chunk file is the chunk's raw bytes, the last one padded to
     a whole chunk) and hashed from the same buffers. Thread-safe; needs no process group."""
     written = {}
@@ -183,11 +175,9 @@ def _in_threads(fn, items) -> list:
         return list(pool.map(fn, items))
 
 
-def verify_chunks(store: Path, checksums: dict[str, str], names: list[str] | None = None) -> None:
+def verify_chunks(store: Path, checksums: dict[str, str]) -> None:
     """Raise InputError naming the array and chunk of the first missing or altered chunk file."""
     for rel, digest in sorted(checksums.items()):
-        if names is not None and rel.split("/c/")[0] not in names:
-            continue
         path = store / rel
         array, chunk = rel.split("/c/")
         if not path.is_file():
