@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "cluster": ["ray[default,train,data]==2.60.0", "deepspeed==0.19.8"],
-        "storage": ["pyarrow==26.0.1", "zarr==3.1.6"],
+        "storage": ["pyarrow==26.0.1", "zarr==3.1.6", "tokenizers"],
         "plots": ["matplotlib"],
         "test": ["pytest"],
     },

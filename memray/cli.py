@@ -89,7 +89,7 @@ def evaluate(checkpoint, facts_path, limit, as_json):
     Example:
       memray eval runs/demo --facts runs/demo/data/facts.jsonl
     """
-    from memray.data import read_facts
+    from memray.data import read_facts, saved_tokenizer
     from memray.evaluate import fact_recall
     from memray.train.trainer import load_trained_model
 
@@ -97,7 +97,7 @@ def evaluate(checkpoint, facts_path, limit, as_json):
     if limit > 0:
         facts = facts[:limit]
     model, _, ckpt, manifest = load_trained_model(checkpoint)
-    result = fact_recall(model, facts)
+    result = fact_recall(model, facts, saved_tokenizer(ckpt))
     result.update(checkpoint=str(ckpt), step=manifest["step"])
     if as_json:
         click.echo(json.dumps(result))
@@ -118,7 +118,10 @@ def evaluate(checkpoint, facts_path, limit, as_json):
 @click.option("--shard-tokens", type=int, default=1 << 24, show_default=True, help="Tokens per shard at most.")
 @click.option("--workers", type=int, help="Processes ingesting files in parallel (default: one per core).")
 @click.option("--strict", is_flag=True, help="Stop at the first malformed record instead of rejecting it.")
-def ingest(sources, out, fmt, text_column, shard_tokens, workers, strict):
+@click.option("--tokenizer", default="byte", show_default=True,
+              help="byte; bpe (train a byte-level BPE on SOURCES, saved as OUT/tokenizer.json); bpe:PATH (use that file).")
+@click.option("--vocab-size", type=int, default=8192, show_default=True, help="Ids of a BPE trained with --tokenizer bpe.")
+def ingest(sources, out, fmt, text_column, shard_tokens, workers, strict, tokenizer, vocab_size):
     """Tokenize SOURCES (text, JSON lines, Parquet) into Arrow shards for training (data.source: arrow).
 
     Malformed records are counted and written to OUT/rejects.jsonl with file:line and reason.
@@ -126,12 +129,13 @@ def ingest(sources, out, fmt, text_column, shard_tokens, workers, strict):
     \b
     Example:
       memray ingest corpus/*.jsonl --out data/corpus
+      memray ingest corpus/*.jsonl --out data/bpe --tokenizer bpe --vocab-size 8192
       memray train my.yaml --set data.source=arrow --set data.path=data/corpus
     """
     from memray.data.ingest import ingest as run_ingest
 
     manifest = run_ingest(list(sources), out, fmt=fmt, shard_tokens=shard_tokens, workers=workers, strict=strict,
-                          text_column=text_column)
+                          text_column=text_column, tokenizer=tokenizer, vocab_size=vocab_size)
     t = manifest["totals"]
     click.echo(f"{out}: {t['written']:,} documents, {t['tokens']:,} tokens in {len(manifest['shards'])} shard(s); "
                f"{t['rejected']:,} rejected of {t['read']:,} read (see {out}/rejects.jsonl)")

@@ -16,7 +16,7 @@ def greedy_answers(model, tokenizer: ByteTokenizer, prompts: list[str], max_new_
     """
     was_training = model.training
     model.eval()
-    encoded = [tokenizer.encode(p + " ", bos=True) for p in prompts]
+    encoded = [tokenizer.encode(p + tokenizer.prompt_suffix, bos=True) for p in prompts]
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(encoded):
         by_length[len(ids)].append(i)
@@ -44,7 +44,7 @@ def greedy_answers(model, tokenizer: ByteTokenizer, prompts: list[str], max_new_
 def fact_recall(model, facts: list[Fact], tokenizer: ByteTokenizer | None = None) -> dict:
     """Fraction of facts whose greedy answer equals the answer exactly (after stripping spaces)."""
     tokenizer = tokenizer or ByteTokenizer()
-    max_new = max(len(tokenizer.encode(f.answer)) for f in facts) + 1
+    max_new = max(len(tokenizer.encode(" " + f.answer)) for f in facts) + 1  # the space, for a BPE
     predictions = greedy_answers(model, tokenizer, [f.prompt for f in facts], max_new)
     correct = [p.strip() == f.answer.strip() for p, f in zip(predictions, facts)]
     return {

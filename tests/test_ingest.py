@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from memray.data import ByteTokenizer, DataConfig, load_documents
+from memray.data import BPETokenizer, ByteTokenizer, DataConfig, load_documents, saved_tokenizer
 from memray.data.arrow import ArrowDocuments
 from memray.data.ingest import ingest
 from memray.errors import InputError
@@ -76,8 +76,53 @@ def test_reader_refuses_damage(sources, tmp_path):
 
 def test_training_reads_arrow_shards(sources, tmp_path):
     ingest(sources, tmp_path / "out", workers=1)
-    documents, facts = load_documents(DataConfig(source="arrow", path=str(tmp_path / "out")), ByteTokenizer())
-    assert facts is None and len(documents) == len(TEXTS)
+    documents, facts, tokenizer = load_documents(DataConfig(source="arrow", path=str(tmp_path / "out")))
+    assert facts is None and len(documents) == len(TEXTS) and isinstance(tokenizer, ByteTokenizer)
+
+
+def test_bpe_trained_on_the_corpus_round_trips_and_is_checked(sources, tmp_path):
+    manifest = ingest(sources, tmp_path / "bpe", workers=2, tokenizer="bpe", vocab_size=300)
+    spec = manifest["tokenizer"]
+    assert spec["kind"] == "bpe" and spec["file"] == "tokenizer.json" and 259 < spec["vocab_size"] <= 300
+    documents = ArrowDocuments(tmp_path / "bpe")
+    tokenizer = documents.tokenizer
+    assert [tokenizer.decode(documents[i][1:]) for i in range(len(documents))] == TEXTS
+    assert manifest["totals"]["tokens"] < sum(len(t.encode()) + 2 for t in TEXTS)  # merges shorten the corpus
+    # the same file reused with bpe:PATH encodes identically
+    again = ingest(sources, tmp_path / "reuse", workers=1, tokenizer=f"bpe:{tmp_path / 'bpe' / 'tokenizer.json'}")
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    with pytest.raises(InputError, match="tokenizer file not found"):
+        ingest(sources, tmp_path / "x", tokenizer="bpe:/nonexistent.json")
+    with pytest.raises(InputError, match="--vocab-size"):
+        ingest(sources, tmp_path / "y", tokenizer="bpe", vocab_size=100)
+    path = tmp_path / "bpe" / "tokenizer.json"
+    path.write_text(path.read_text().replace('"<eos>"', '"<eoz>"', 1))
+    with pytest.raises(InputError, match="tokenizer file tokenizer.json is damaged"):
+        ArrowDocuments(tmp_path / "bpe")
+
+
+def test_training_on_bpe_shards_saves_the_tokenizer_for_eval(tmp_path):
+    from click.testing import CliRunner
+
+    from memray.cli import main
+    from memray.data import generate_facts, write_facts
+    from memray.train.config import load_run_config
+    from memray.train.trainer import Trainer
+
+    facts = generate_facts(20, 2, seed=0)
+    write_facts(tmp_path / "facts.jsonl", facts)
+    ingest([tmp_path / "facts.jsonl"], tmp_path / "shards", tokenizer="bpe", vocab_size=512, workers=1)
+    size = json.loads((tmp_path / "shards" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    overrides = ["data.source=arrow", f"data.path={tmp_path / 'shards'}", "train.steps=2", "train.eval_facts=0"]
+    with pytest.raises(Exception, match="model.vocab_size.*smaller than the bpe tokenizer"):
+        Trainer(load_run_config("tiny", overrides + ["model.vocab_size=259"]), run_dir=tmp_path / "r0", progress=False)
+    Trainer(load_run_config("tiny", overrides + [f"model.vocab_size={size}"]), run_dir=tmp_path / "run", progress=False).fit()
+    ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
+    assert (ckpt / "tokenizer.json").read_bytes() == (tmp_path / "shards" / "tokenizer.json").read_bytes()
+    assert saved_tokenizer(ckpt).vocab_size == size and isinstance(saved_tokenizer(tmp_path / "run"), BPETokenizer)
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--facts", str(tmp_path / "facts.jsonl"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["total"] == len(facts)
 
 
 _STREAM = """

@@ -9,6 +9,7 @@ step, the saving world size and layout and each pool's shape, so a reader needs 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -40,10 +41,11 @@ def save_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch.
 def start_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch.Tensor] | None, config_yaml: str,
                              pools: dict, *, group=None, keep_last: int = 0, attrs: dict | None = None,
                              dense_optimizer: dict[str, torch.Tensor] | None = None,
-                             background: bool = False) -> "PendingCheckpoint":
+                             background: bool = False, extra_files: dict[str, Path] | None = None) -> "PendingCheckpoint":
     """The collective part of a save (the temporary directory, array metadata, the rows each rank
     must write); the files are written now, or by a thread when ``background`` (on snapshots,
-    so training may go on). :meth:`PendingCheckpoint.finish` (collective) commits."""
+    so training may go on). ``extra_files`` (name -> path, e.g. the run's tokenizer) are copied
+    in by rank 0 and checksummed with the rest. :meth:`PendingCheckpoint.finish` (collective) commits."""
     distributed = dist.is_initialized() and dist.get_world_size(group) > 1
     rank = dist.get_rank(group) if distributed else 0
     tmp = begin_checkpoint(root, step, fresh=rank == 0)
@@ -56,7 +58,7 @@ def start_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch
         dense = [{k: v.detach().clone() if background else v for k, v in d.items()} if d is not None else None
                  for d in (dense_state or {}, dense_optimizer)]
     pending = PendingCheckpoint(root, tmp, step, config_yaml, pools, attrs or {}, keep_last, group, rank, distributed)
-    pending.start(jobs, dense, background)
+    pending.start(jobs, dense, background, extra_files if rank == 0 else None)
     return pending
 
 
@@ -69,10 +71,13 @@ class PendingCheckpoint:
         self.attrs, self.keep_last, self.group, self.rank, self.distributed = attrs, keep_last, group, rank, distributed
         self._thread, self._result = None, {}
 
-    def start(self, jobs, dense, background: bool) -> None:
+    def start(self, jobs, dense, background: bool, extra_files: dict[str, Path] | None = None) -> None:
         def work():
             try:
                 files = {}
+                for name, source in (extra_files or {}).items():
+                    shutil.copyfile(source, self.tmp / name)
+                    files[name] = _sha256(self.tmp / name)
                 if dense is not None:  # rank 0: dense weights and optimizer beside the pools
                     files = write_weights(self.tmp, dense[0], self.config_yaml)
                     if dense[1] is not None:

@@ -8,7 +8,7 @@ from memray.errors import ConfigError, InputError
 from .facts import Fact, read_facts, write_facts
 from .packing import IGNORE_INDEX, PackedBatches
 from .synthetic import ATTRIBUTES, generate_facts
-from .tokenizer import ByteTokenizer
+from .tokenizer import BPETokenizer, ByteTokenizer, saved_tokenizer
 
 
 @dataclass(kw_only=True)
@@ -32,12 +32,20 @@ class DataConfig:
             raise ConfigError("seq_len", f"must be >= 2, got {self.seq_len}")
 
 
-def load_documents(config: DataConfig, tokenizer: ByteTokenizer) -> tuple[list[list[int]], list[Fact] | None]:
-    """Token documents for training, and the facts they state (None for plain text)."""
+def load_documents(config: DataConfig):
+    """(token documents, the facts they state or None for plain text, the tokenizer that made
+    them): ingested shards carry their own tokenizer; other sources use the byte tokenizer."""
     if config.source == "arrow":
         from .arrow import ArrowDocuments
 
-        return ArrowDocuments(config.path), None
+        documents = ArrowDocuments(config.path)
+        return documents, None, documents.tokenizer
+    tokenizer = ByteTokenizer()
+    documents, facts = _byte_documents(config, tokenizer)
+    return documents, facts, tokenizer
+
+
+def _byte_documents(config: DataConfig, tokenizer: ByteTokenizer) -> tuple[list[list[int]], list[Fact] | None]:
     if config.source == "text":
         path = Path(config.path)
         try:
@@ -58,6 +66,6 @@ def load_documents(config: DataConfig, tokenizer: ByteTokenizer) -> tuple[list[l
 
 
 __all__ = [
-    "ATTRIBUTES", "ByteTokenizer", "DataConfig", "Fact", "IGNORE_INDEX", "PackedBatches",
-    "generate_facts", "load_documents", "read_facts", "write_facts",
+    "ATTRIBUTES", "BPETokenizer", "ByteTokenizer", "DataConfig", "Fact", "IGNORE_INDEX", "PackedBatches",
+    "generate_facts", "load_documents", "read_facts", "saved_tokenizer", "write_facts",
 ]

@@ -2,7 +2,7 @@
 
 ``ArrowDocuments(dir)`` is a read-only sequence of token lists over every shard, each shard
 memory-mapped (the operating system pages documents in as they are read, so the corpus need not
-fit in memory). The manifest's schema version and tokenizer are checked against this reader's,
+fit in memory). The manifest's schema version is checked, its tokenizer loaded (``.tokenizer``),
 and every shard against its SHA-256, before anything is read. ``PackedBatches`` packs, shuffles
 per epoch by seed and records its position, so a resumed run continues with the next batch; each
 rank of a sharded run keeps its own rows of every global batch.
@@ -18,7 +18,7 @@ from memray.errors import InputError
 from memray.files import sha256_file
 
 from .ingest import MANIFEST, SCHEMA_VERSION
-from .tokenizer import ByteTokenizer
+from .tokenizer import load_tokenizer
 
 
 class ArrowDocuments:
@@ -36,10 +36,9 @@ class ArrowDocuments:
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise InputError(f"{self.directory}/{MANIFEST}: schema version {manifest.get('schema_version')}, "
                              f"this reader reads {SCHEMA_VERSION}")
-        if manifest.get("tokenizer", {}).get("kind") != ByteTokenizer.name:
-            raise InputError(f"{self.directory}/{MANIFEST}: tokenizer {manifest.get('tokenizer')} is not the byte tokenizer")
+        self.tokenizer = load_tokenizer(manifest.get("tokenizer") or {}, self.directory)
         self.manifest = manifest
-        self._columns, self._starts, total = [], [], 0
+        self._columns, self._offsets, self._starts, total = [], [], [], 0
         for shard in shards:
             path = self.directory / shard["file"]
             if not path.is_file():
@@ -47,12 +46,26 @@ class ArrowDocuments:
             if verify and sha256_file(path) != shard["sha256"]:
                 raise InputError(f"{self.directory}: shard {shard['file']} is damaged (checksum mismatch)")
             table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-            self._columns.append(table.column("tokens").combine_chunks())
+            column = table.column("tokens").combine_chunks()
+            self._columns.append(column)
+            self._offsets.append(column.offsets.to_numpy())
             self._starts.append(total)
             total += table.num_rows
         self._len = total
         if total == 0:
             raise InputError(f"{self.directory}: the shards hold no documents")
+
+    def lengths(self):
+        """Every document's token count (from the list offsets; no tokens are read)."""
+        import numpy as np
+
+        return np.concatenate([np.diff(offsets) for offsets in self._offsets])
+
+    def tokens(self, index: int, start: int, stop: int):
+        """Tokens ``[start, stop)`` of document ``index`` (a numpy view of the mapped shard)."""
+        shard = bisect.bisect_right(self._starts, index) - 1
+        first = int(self._offsets[shard][index - self._starts[shard]])
+        return self._columns[shard].values[first + start:first + stop].to_numpy()
 
     def __len__(self) -> int:
         return self._len

@@ -10,6 +10,10 @@ and the reason; ``strict`` makes the first one fatal. ``manifest.json`` records 
 version, the tokenizer, every source's counts (read = written + rejected) and every shard's
 documents, tokens and SHA-256.
 
+Tokenizers: ``byte`` (default), ``bpe`` (a byte-level BPE of ``vocab_size`` ids trained on the
+sources' accepted records in a first streaming pass) or ``bpe:PATH`` (an existing ``tokenizers``
+JSON file); a BPE is saved as ``tokenizer.json`` beside the shards, its SHA-256 in the manifest.
+
 Formats: ``text`` (documents are paragraphs separated by blank lines; the line is the
 paragraph's first), ``jsonl`` (``{"text": ...}`` or a fact ``{"prompt", "answer"}``, whose text
 is ``prompt + " " + answer``), ``parquet`` (a string column, ``text`` by default; the line is the
@@ -19,13 +23,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from memray.errors import InputError
 from memray.files import sha256_file
 
-from .tokenizer import ByteTokenizer
+from .tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, train_bpe
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -105,11 +110,12 @@ def _decode(raw: bytes):
         return _Reject(f"invalid UTF-8 ({exc.reason} at byte {exc.start})")
 
 
-def ingest_file(index: int, path: str, fmt: str, out: str, shard_tokens: int, strict: bool, text_column: str) -> dict:
+def ingest_file(index: int, path: str, fmt: str, out: str, shard_tokens: int, strict: bool, text_column: str,
+                tokenizer_file: str | None = None) -> dict:
     """Ingest one source into ``out/<index>-<shard>.arrow``; counts, shards and rejects."""
     import pyarrow as pa
 
-    tokenizer = ByteTokenizer()
+    tokenizer = BPETokenizer(tokenizer_file) if tokenizer_file else ByteTokenizer()
     schema = pa.schema([pa.field("tokens", pa.list_(pa.uint16()))])
     source, out = Path(path), Path(out)
     counts = {"path": path, "format": fmt, "read": 0, "written": 0, "rejected": 0, "tokens": 0}
@@ -156,20 +162,54 @@ def ingest_file(index: int, path: str, fmt: str, out: str, shard_tokens: int, st
     return {"source": counts, "shards": shards, "rejects": rejects}
 
 
+def _accepted_texts(jobs, strict: bool):
+    """Every accepted record's text, streamed over the sources (the BPE training pass)."""
+    for _, path, fmt, _, _, _, text_column in jobs:
+        for line, text in _records(Path(path), fmt, text_column):
+            if isinstance(text, _Reject):
+                if strict:
+                    raise InputError(f"{path}:{line}: {text}")
+                continue
+            yield text
+
+
 def ingest(sources: list[str | Path], out: str | Path, *, fmt: str | None = None, shard_tokens: int = 1 << 24,
-           workers: int | None = None, strict: bool = False, text_column: str = "text") -> dict:
-    """Ingest every source into ``out``; returns the manifest (also written to ``out``)."""
-    out = Path(out)
+           workers: int | None = None, strict: bool = False, text_column: str = "text", tokenizer: str = "byte",
+           vocab_size: int = 8192, map_files=None) -> dict:
+    """Ingest every source into ``out``; returns the manifest (also written to ``out``).
+
+    ``tokenizer``: ``byte``, ``bpe`` (train one of ``vocab_size`` ids on the sources) or
+    ``bpe:PATH`` (use the ``tokenizers`` JSON file at PATH). ``map_files(fn, jobs)`` runs
+    ``fn(*job)`` for every file and returns the results in order (default: a local process pool
+    of ``workers``; ``memray.launch.ingest_ray.map_files`` runs them as Ray tasks)."""
+    out = Path(out).resolve()
     paths = [Path(s) for s in sources]
     for path in paths:
         if not path.is_file():
             raise InputError(f"input not found: {path}")
     if (out / MANIFEST).exists():
         raise InputError(f"{out} already holds ingested shards ({MANIFEST}); choose another --out")
+    if tokenizer != "byte" and tokenizer != "bpe" and not tokenizer.startswith("bpe:"):
+        raise InputError(f"--tokenizer must be byte, bpe or bpe:PATH, got {tokenizer!r}")
+    if tokenizer.startswith("bpe:") and not Path(tokenizer[4:]).is_file():
+        raise InputError(f"tokenizer file not found: {tokenizer[4:]}")
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(i, str(p), fmt or detect_format(p), str(out), shard_tokens, strict, text_column) for i, p in enumerate(paths)]
+    if tokenizer == "byte":
+        tok = ByteTokenizer()
+    else:
+        target = out / TOKENIZER_FILE
+        if tokenizer == "bpe":
+            tok = train_bpe(_accepted_texts(jobs, strict), vocab_size, target)
+        else:
+            BPETokenizer(tokenizer[4:])  # readable, with the special tokens, before copying
+            shutil.copyfile(tokenizer[4:], target)
+            tok = BPETokenizer(target)
+        jobs = [job + (str(target),) for job in jobs]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    if workers == 1:
+    if map_files is not None:
+        results = map_files(ingest_file, jobs)
+    elif workers == 1:
         results = [ingest_file(*job) for job in jobs]
     else:
         with ProcessPoolExecutor(workers) as pool:
@@ -183,8 +223,7 @@ def ingest(sources: list[str | Path], out: str | Path, *, fmt: str | None = None
     assert totals["read"] == totals["written"] + totals["rejected"]
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "tokenizer": {"kind": ByteTokenizer.name, "vocab_size": ByteTokenizer.vocab_size, "bos_id": ByteTokenizer.bos_id,
-                      "eos_id": ByteTokenizer.eos_id, "pad_id": ByteTokenizer.pad_id},
+        "tokenizer": tok.describe(),
         "schema": {"tokens": "list<uint16>", "row": "one document: BOS + tokens + EOS"},
         "sources": sources_counts,
         "shards": [shard for r in results for shard in r["shards"]],

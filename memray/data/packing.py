@@ -1,15 +1,24 @@
 """Deterministic batches of packed token rows for language-model training.
 
-Documents (token lists, each starting with BOS and ending with EOS) are shuffled per epoch by
+Documents (token sequences, each starting with BOS and ending with EOS) are shuffled per epoch by
 seed and packed greedily into rows of ``seq_len + 1`` tokens without splitting a document that
-fits in a row; the rest of a row is padding, which the loss ignores. The position (epoch, batch)
-fully determines the next batch, so a run can resume exactly.
+fits in a row (a longer one continues over the next rows, one token overlapping so no target is
+lost); the rest of a row is padding, which the loss ignores. Global batch ``b`` is rows
+``[b * batch_size, (b + 1) * batch_size)`` of the epoch's packing, wrapping around when an epoch
+holds fewer rows than one batch.
+
+The packing is planned from document lengths alone (``documents.lengths()`` when the documents
+provide it, as memory-mapped Arrow shards do without reading tokens) and stored as compact
+arrays of pieces (document, start, length); a rank builds only its own rows of each global batch
+(``rows``, a slice of the batch), so ranks read disjoint token ranges and nobody materializes the
+corpus. The position (epoch, batch) fully determines the next batch, and the global batch does
+not depend on the number of ranks, so a run resumes exactly, on any world size.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -21,58 +30,92 @@ class Position:
     batch: int = 0
 
 
+@dataclass
+class _Packing:
+    row_ptr: np.ndarray  # [rows + 1] first piece of each row
+    doc: np.ndarray  # [pieces] document of each piece
+    start: np.ndarray  # [pieces] first token of the piece in its document
+    length: np.ndarray  # [pieces]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_ptr) - 1
+
+
+def plan_packing(lengths, width: int, order) -> _Packing:
+    """Greedy packing of documents (in ``order``) into rows of ``width`` tokens."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    row_ptr, doc, start, length = [0], [], [], []
+    filled = 0
+    for i, n in zip(order.tolist(), lengths[order].tolist()):
+        if filled and filled + n > width:
+            row_ptr.append(len(doc))
+            filled = 0
+        s = 0
+        while n - s > width:  # the row is empty here: a long document fills whole rows
+            doc.append(i), start.append(s), length.append(width)
+            row_ptr.append(len(doc))
+            s += width - 1
+        doc.append(i), start.append(s), length.append(n - s)
+        filled += n - s
+    if filled:
+        row_ptr.append(len(doc))
+    as_array = lambda xs: np.asarray(xs, dtype=np.int64)  # noqa: E731
+    return _Packing(as_array(row_ptr), as_array(doc), as_array(start), as_array(length))
+
+
 class PackedBatches:
-    def __init__(self, documents: list[list[int]], seq_len: int, batch_size: int, pad_id: int, seed: int = 0):
-        if not documents:
+    def __init__(self, documents, seq_len: int, batch_size: int, pad_id: int, seed: int = 0,
+                 rows: slice | None = None):
+        """``rows``: this rank's share of every global batch (default: all ``batch_size`` rows)."""
+        if not len(documents):
             raise ValueError("no documents to train on")
         self.documents = documents
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
+        self.rows = range(batch_size)[rows or slice(None)]
         self.position = Position()
-        self._epoch_rows: tuple[int, list[list[int]]] | None = None
+        lengths = documents.lengths() if hasattr(documents, "lengths") else [len(d) for d in documents]
+        self._lengths = np.asarray(lengths, dtype=np.int64)
+        self._packing: tuple[int, _Packing] | None = None
 
-    def _rows(self, epoch: int) -> list[list[int]]:
-        if self._epoch_rows is not None and self._epoch_rows[0] == epoch:
-            return self._epoch_rows[1]
-        order = list(range(len(self.documents)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        width = self.seq_len + 1
-        rows: list[list[int]] = []
-        row: list[int] = []
-        for i in order:
-            doc = self.documents[i]
-            if len(row) + len(doc) > width and row:
-                rows.append(row)
-                row = []
-            while len(doc) > width:  # a document longer than a row continues in the next rows
-                rows.append(doc[:width])
-                doc = doc[width - 1:]
-            row = row + doc
-        if row:
-            rows.append(row)
-        rows = [r + [self.pad_id] * (width - len(r)) for r in rows]
-        self._epoch_rows = (epoch, rows)
-        return rows
+    def packing(self, epoch: int) -> _Packing:
+        if self._packing is None or self._packing[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self._lengths))
+            self._packing = (epoch, plan_packing(self._lengths, self.seq_len + 1, order))
+        return self._packing[1]
 
     @property
     def batches_per_epoch(self) -> int:
-        return max(1, len(self._rows(self.position.epoch)) // self.batch_size)
+        return max(1, self.packing(self.position.epoch).num_rows // self.batch_size)
+
+    def _piece(self, doc: int, start: int, length: int):
+        if hasattr(self.documents, "tokens"):
+            return self.documents.tokens(doc, start, start + length)
+        return self.documents[doc][start:start + length]
+
+    def _row(self, packing: _Packing, row: int) -> np.ndarray:
+        out = np.full(self.seq_len + 1, self.pad_id, dtype=np.int64)
+        at = 0
+        for p in range(packing.row_ptr[row], packing.row_ptr[row + 1]):
+            n = int(packing.length[p])
+            out[at:at + n] = self._piece(int(packing.doc[p]), int(packing.start[p]), n)
+            at += n
+        return out
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) [batch_size, seq_len]; padding targets are IGNORE_INDEX."""
-        rows = self._rows(self.position.epoch)
-        per_epoch = max(1, len(rows) // self.batch_size)
-        if self.position.batch >= per_epoch:
+        """This rank's rows of the next global batch: (inputs, targets) [rows, seq_len]; padding
+        targets are IGNORE_INDEX."""
+        packing = self.packing(self.position.epoch)
+        if self.position.batch >= max(1, packing.num_rows // self.batch_size):
             self.position = Position(self.position.epoch + 1, 0)
-            rows = self._rows(self.position.epoch)
-        start = self.position.batch * self.batch_size
-        chunk = rows[start:start + self.batch_size]
-        while len(chunk) < self.batch_size:  # fewer rows than one batch: wrap around
-            chunk = chunk + rows[: self.batch_size - len(chunk)]
+            packing = self.packing(self.position.epoch)
+        first = self.position.batch * self.batch_size
+        rows = [self._row(packing, (first + k) % packing.num_rows) for k in self.rows]
         self.position.batch += 1
-        data = torch.tensor(chunk, dtype=torch.long)
+        data = torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, self.seq_len + 1, dtype=torch.long)
         inputs, targets = data[:, :-1], data[:, 1:].clone()
         targets[targets == self.pad_id] = IGNORE_INDEX
         return inputs, targets

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -32,8 +33,9 @@ from tqdm import tqdm
 
 from memray.checkpoint.sharded import load_pool_shard, load_training_state, start_sharded_checkpoint
 from memray.config import dump_yaml
-from memray.data import ByteTokenizer, PackedBatches, load_documents, write_facts
+from memray.data import PackedBatches, load_documents, write_facts
 from memray.data.packing import IGNORE_INDEX, Position
+from memray.data.tokenizer import TOKENIZER_FILE
 from memray.distributed.plan import balanced_ranges
 from memray.errors import ConfigError
 from memray.evaluate import fact_recall
@@ -164,12 +166,14 @@ class Trainer:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         torch.manual_seed(config.seed)
-        self.tokenizer = ByteTokenizer()
-        documents, self.facts = load_documents(config.data, self.tokenizer)
-        # every rank draws the same global batch and keeps its own rows of it
-        self.batches = PackedBatches(documents, config.data.seq_len, config.train.batch_size, self.tokenizer.pad_id, config.seed)
+        documents, self.facts, self.tokenizer = load_documents(config.data)
+        if config.model.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the {self.tokenizer.name} "
+                              f"tokenizer's {self.tokenizer.vocab_size} ids")
+        # the global batch is the same on any number of ranks; each rank builds only its rows of it
         shares = balanced_ranges(config.train.batch_size, self.world)
-        self.rows = slice(*shares[self.rank])
+        self.batches = PackedBatches(documents, config.data.seq_len, config.train.batch_size, self.tokenizer.pad_id,
+                                     config.seed, rows=slice(*shares[self.rank]))
         o = config.optim
         if context is None:
             self.model = Transformer(config.model)
@@ -233,6 +237,8 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(self.config, self.run_dir / "config.yaml")
+        if getattr(self.tokenizer, "path", None) is not None:  # a BPE: evaluation decodes with it
+            shutil.copyfile(self.tokenizer.path, self.run_dir / TOKENIZER_FILE)
         if self.facts is not None:
             (self.run_dir / "data").mkdir(exist_ok=True)
             write_facts(self.run_dir / "data" / "facts.jsonl", self.facts)
@@ -292,6 +298,7 @@ class Trainer:
             self.run_dir / "checkpoints", self.step, dense if self.rank == 0 else None, dump_yaml(c), pools,
             group=self.context.memory_group if self.context else None, keep_last=c.train.keep_last, attrs=attrs,
             dense_optimizer=moments if self.rank == 0 else None, background=background,
+            extra_files={TOKENIZER_FILE: self.tokenizer.path} if getattr(self.tokenizer, "path", None) else None,
         )
 
     def resume(self, path: str | Path) -> Path:
@@ -300,7 +307,7 @@ class Trainer:
         if self.context is not None and self.config.distributed.zero_stage == 3:
             raise ZERO3_RESUME
         ckpt, manifest, attrs, weights, moments = load_training_state(path)
-        rows = self.rows.stop - self.rows.start
+        rows = len(self.batches.rows)
         sample = (torch.zeros(rows, self.config.data.seq_len, dtype=torch.long, device=self.device),
                   torch.zeros(rows, self.config.data.seq_len, dtype=torch.long, device=self.device))
         self.model.eval()  # the engine's state-creating step must not count usage
@@ -325,14 +332,13 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on the global batch ``inputs``/``targets`` (this rank uses its rows)."""
+        """One optimizer step on a global batch of which ``inputs``/``targets`` are this rank's rows."""
         c = self.config
         factor = lr_factor(self.step, c.train.steps, c.optim.warmup_steps, c.optim.min_lr_ratio)
         if self.value_optimizer is not None and c.optim.value_lr_schedule == "cosine":
             for group in self.value_optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
-        num_targets = int((targets != IGNORE_INDEX).sum())
-        inputs, targets = inputs[self.rows], targets[self.rows]
+        num_targets = int(self._sum((targets != IGNORE_INDEX).sum()))  # over the global batch
         device = self.device
         inputs, targets = inputs.to(device), targets.to(device)
         autocast = (
@@ -373,7 +379,7 @@ class Trainer:
             while self.step < c.train.steps:
                 inputs, targets = self.batches.next()
                 stats = self.train_step(inputs, targets)
-                num_tokens = inputs.numel()
+                num_tokens = c.train.batch_size * c.data.seq_len  # the global batch
                 self.tokens += num_tokens
                 window_tokens += num_tokens
                 window_steps += 1
