@@ -1,7 +1,8 @@
 """memray-layers: product-key memory layers at scale, trained on Ray.
 
 The import package is ``memray``; ``kernels/`` (Triton kernels and their pure-torch references,
-importing only torch and triton) is installed as ``memray.kernels``.
+importing only torch and triton) is installed as ``memray.kernels``, and ``jobs/`` (the Ray job
+entrypoints that ``memray submit`` ships) as ``memray.jobs``.
 """
 from setuptools import find_packages, setup
 
@@ -12,8 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["memray", "memray.*"]) + ["memray.kernels"],
-    package_dir={"memray.kernels": "kernels"},
+    packages=find_packages(include=["memray", "memray.*"]) + ["memray.kernels", "memray.jobs"],
+    package_dir={"memray.kernels": "kernels", "memray.jobs": "jobs"},
     package_data={"memray": ["configs/*.yaml"], "memray.kernels": ["*.cpp"]},
     install_requires=[
         "torch>=2.13,<2.15",

@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from memray.errors import UserError
+from memray.cli_ray import register as register_ray_commands
+from memray.errors import UsageError, UserError
 
 
 class _Group(click.Group):
@@ -46,26 +47,39 @@ def main(ctx, debug):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default runs/<name>-<timestamp>).")
 @click.option("--no-progress", is_flag=True, help="Log lines instead of a progress bar.")
-@click.option("--workers", type=int, help="Train on N local processes (DeepSpeed ZeRO + sharded value pools; "
-              "sets distributed.workers). Without it: one process.")
+@click.option("--workers", type=int, help="Ranks (sets distributed.workers; default 2): Ray Train workers running "
+              "DeepSpeed ZeRO + sharded value pools; 0: one process without Ray.")
+@click.option("--address", help="Train on the Ray cluster at ADDR (host:6379 or ray://host:10001; default: an "
+              "embedded local Ray on 127.0.0.1).")
 @click.option("--resume", type=click.Path(), help="Continue from a checkpoint (or a run directory's newest), "
               "saved on any number of processes.")
-def train(config, overrides, run_dir, no_progress, workers, resume):
+def train(config, overrides, run_dir, no_progress, workers, address, resume):
     """Train a model from CONFIG: a bundled config name or a YAML file.
 
     \b
     Example:
-      memray train tiny --set train.steps=50 --set model.memory.knn=16
-      memray train tiny --workers 2 --set distributed.zero_stage=2 --set model.memory.layout=column
+      memray train tiny                      # 2 Ray Train workers on an embedded local Ray
+      memray train tiny --workers 0 --set train.steps=50    # one process, no Ray
+      memray train tiny --workers 3 --set distributed.zero_stage=2 --set model.memory.layout=column
       memray train tiny --workers 3 --resume runs/tiny-20260101-000000   # any world size
+      memray train tiny --set distributed.launcher=processes              # local processes, no Ray
     """
     from memray.train import Trainer, load_run_config, train_local
+    from memray.train.trainer import default_run_dir
 
     if workers is not None:
         overrides = [*overrides, f"distributed.workers={workers}"]
     run_config = load_run_config(config, list(overrides))
     progress = not no_progress and sys.stderr.isatty()
-    if run_config.distributed.workers >= 1:
+    d = run_config.distributed
+    if address and (d.workers < 1 or d.launcher != "ray"):
+        raise UsageError("--address needs Ray Train workers (--workers >= 1, distributed.launcher: ray)")
+    if d.workers >= 1 and d.launcher == "ray":
+        from memray.launch.ray_train import train_on_ray
+
+        run_dir = run_dir or run_config.run_dir or default_run_dir(run_config)
+        result = train_on_ray(run_config, run_dir, progress, resume, address=address)
+    elif d.workers >= 1:
         result = train_local(run_config, run_dir, progress, resume)
     else:
         trainer = Trainer(run_config, run_dir=run_dir, progress=progress)
@@ -80,7 +94,8 @@ def train(config, overrides, run_dir, no_progress, workers, resume):
 @click.option("--facts", "facts_path", required=True, type=click.Path(), help="Facts JSONL: {\"prompt\", \"answer\"} per line.")
 @click.option("--limit", type=int, default=0, help="Evaluate only the first N facts (0: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def evaluate(checkpoint, facts_path, limit, as_json):
+@click.option("--min-recall", type=float, help="Exit 1 when the recall is below this fraction (a check for scripts).")
+def evaluate(checkpoint, facts_path, limit, as_json, min_recall):
     """Exact-match recall of greedy answers to the facts in --facts.
 
     CHECKPOINT is a checkpoint directory or a run directory (its newest committed checkpoint).
@@ -101,12 +116,36 @@ def evaluate(checkpoint, facts_path, limit, as_json):
     result.update(checkpoint=str(ckpt), step=manifest["step"])
     if as_json:
         click.echo(json.dumps(result))
-        return
-    click.echo(f"checkpoint {ckpt} (step {manifest['step']})")
-    for ex in result["examples"]:
-        mark = "ok " if ex["predicted"] == ex["answer"] else "xx "
-        click.echo(f"  {mark}{ex['prompt']} -> {ex['predicted']!r} (answer {ex['answer']!r})")
-    click.echo(f"recall {result['recall']:.3f} ({result['correct']}/{result['total']} facts, exact match)")
+    else:
+        click.echo(f"checkpoint {ckpt} (step {manifest['step']})")
+        for ex in result["examples"]:
+            mark = "ok " if ex["predicted"] == ex["answer"] else "xx "
+            click.echo(f"  {mark}{ex['prompt']} -> {ex['predicted']!r} (answer {ex['answer']!r})")
+        click.echo(f"recall {result['recall']:.3f} ({result['correct']}/{result['total']} facts, exact match)")
+    if min_recall is not None and result["recall"] < min_recall:
+        click.echo(f"memray: recall {result['recall']:.3f} is below --min-recall {min_recall}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("config")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Facts JSONL file to write.")
+def facts(config, overrides, out):
+    """Write the synthetic facts a config trains on (data.source: synthetic) as facts JSONL.
+
+    \b
+    Example:
+      memray facts demo --out data/demo-facts.jsonl
+      memray ingest data/demo-facts.jsonl --out data/demo-shards
+    """
+    from memray.data import generate_facts, write_facts
+    from memray.train import load_run_config
+
+    d = load_run_config(config, list(overrides)).data
+    items = generate_facts(d.num_entities, d.num_attributes, d.seed)
+    write_facts(out, items)
+    click.echo(f"{out}: {len(items):,} facts ({d.num_entities} entities x {d.num_attributes} attributes, seed {d.seed})")
 
 
 @main.command()
@@ -121,7 +160,9 @@ def evaluate(checkpoint, facts_path, limit, as_json):
 @click.option("--tokenizer", default="byte", show_default=True,
               help="byte; bpe (train a byte-level BPE on SOURCES, saved as OUT/tokenizer.json); bpe:PATH (use that file).")
 @click.option("--vocab-size", type=int, default=8192, show_default=True, help="Ids of a BPE trained with --tokenizer bpe.")
-def ingest(sources, out, fmt, text_column, shard_tokens, workers, strict, tokenizer, vocab_size):
+@click.option("--ray", "on_ray", is_flag=True, help="One Ray task per file (on the cluster RAY_ADDRESS names, else an "
+              "embedded local Ray); OUT must be shared storage.")
+def ingest(sources, out, fmt, text_column, shard_tokens, workers, strict, tokenizer, vocab_size, on_ray):
     """Tokenize SOURCES (text, JSON lines, Parquet) into Arrow shards for training (data.source: arrow).
 
     Malformed records are counted and written to OUT/rejects.jsonl with file:line and reason.
@@ -134,8 +175,11 @@ def ingest(sources, out, fmt, text_column, shard_tokens, workers, strict, tokeni
     """
     from memray.data.ingest import ingest as run_ingest
 
+    map_files = None
+    if on_ray:
+        from memray.launch.ingest_ray import map_files
     manifest = run_ingest(list(sources), out, fmt=fmt, shard_tokens=shard_tokens, workers=workers, strict=strict,
-                          text_column=text_column, tokenizer=tokenizer, vocab_size=vocab_size)
+                          text_column=text_column, tokenizer=tokenizer, vocab_size=vocab_size, map_files=map_files)
     t = manifest["totals"]
     click.echo(f"{out}: {t['written']:,} documents, {t['tokens']:,} tokens in {len(manifest['shards'])} shard(s); "
                f"{t['rejected']:,} rejected of {t['read']:,} read (see {out}/rejects.jsonl)")
@@ -225,6 +269,27 @@ def export(checkpoint, fmt, out):
 
 
 @main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--n-keys", type=int, required=True, help="Keys per half after growing (slots: n_keys²).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory for the grown checkpoint.")
+def grow(checkpoint, n_keys, out):
+    """Enlarge the product-key grid of CHECKPOINT's memory, keeping every learned slot.
+
+    Slot (i, j) moves to i·M + j; new sub-keys and value rows start at zero so they do not
+    disturb old lookups. Continue training with --resume OUT.
+
+    \b
+    Example:
+      memray grow runs/demo --n-keys 256 --out runs/demo-256
+      memray train demo --set model.memory.n_keys=256 --workers 4 --resume runs/demo-256
+    """
+    from memray.train.grow import grow_checkpoint
+
+    path = grow_checkpoint(checkpoint, n_keys, out)
+    click.echo(f"{path}: n_keys {n_keys} ({n_keys * n_keys:,} slots)")
+
+
+@main.command()
 @click.option("--memory-params", required=True, help="Value-table parameters per pool: 128e9, 1.07B, 4M, 2000000.")
 @click.option("--value-dim", default="4096", show_default=True, help="Value dim D.")
 @click.option("--gpu-mem", required=True, help="Memory of one GPU: 80GiB, 80GB, 85899345920.")
@@ -263,6 +328,8 @@ def plan(as_json, dtype, optimizer, **options):
     result = make_plan(dtype=dtype, optimizer=optimizer, **values)
     click.echo(json.dumps(result) if as_json else format_plan(result))
 
+
+register_ray_commands(main)
 
 if __name__ == "__main__":
     main()

@@ -22,3 +22,7 @@ class ConfigError(UserError, ValueError):
 
 class InputError(UserError):
     """An input file (facts, text, checkpoint) is missing or malformed; the message names it."""
+
+
+class UsageError(UserError):
+    """Command-line options that do not go together, or an address that cannot be used."""

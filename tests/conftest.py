@@ -20,3 +20,4 @@ def _seed_and_threads():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (still run by make test)")
+    config.addinivalue_line("markers", "demo: the demo's minutes-long recall promise (make demo-test, not make test)")

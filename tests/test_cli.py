@@ -57,7 +57,7 @@ def test_help_has_examples():
 @pytest.mark.slow
 def test_train_tiny_then_eval(tmp_path):
     run_dir = tmp_path / "run"
-    result = run("train", "tiny", "--run-dir", str(run_dir), "--set", "train.steps=10")
+    result = run("train", "tiny", "--workers", "0", "--run-dir", str(run_dir), "--set", "train.steps=10")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["step"] == 10
@@ -77,6 +77,13 @@ def test_train_tiny_then_eval(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["total"] == 20 and report["step"] == 10 and 0 <= report["recall"] <= 1
+    # --min-recall makes a recall below it a failed command (exit 1), for scripts like make demo
+    assert run("eval", str(run_dir), "--facts", str(facts), "--limit", "20", "--min-recall", "0").returncode == 0
+    assert run("eval", str(run_dir), "--facts", str(facts), "--limit", "20", "--min-recall", "1.01").returncode == 1
+    # memray facts writes the facts a config trains on: the same ones the run wrote
+    written = run("facts", "tiny", "--out", str(tmp_path / "facts.jsonl"))
+    assert written.returncode == 0, written.stderr
+    assert (tmp_path / "facts.jsonl").read_text() == facts.read_text()
 
     # a damaged checkpoint is refused, naming the file
     weights = ckpt / "model.safetensors"

@@ -9,7 +9,7 @@ from memray.train import Trainer, load_run_config
 from memray.train.trainer import load_trained_model
 
 
-@pytest.mark.slow
+@pytest.mark.demo
 def test_demo_recalls_at_least_90_percent_of_2000_facts(tmp_path):
     config = load_run_config("demo")
     assert config.data.num_entities * config.data.num_attributes >= 2000

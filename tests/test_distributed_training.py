@@ -130,16 +130,17 @@ def _logged_losses(run_dir):
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("single") / "one"
-    result = _cli("train", "tiny", "--run-dir", str(run), "--no-progress", "--set", "train.log_every=1")
+    result = _cli("train", "tiny", "--workers", "0", "--run-dir", str(run), "--no-progress", "--set", "train.log_every=1")
     assert result.returncode == 0, result.stderr
     return run
 
 
-@pytest.mark.parametrize("workers", [1, 4])
-def test_cli_workers_give_the_single_process_losses(workers, single_run, tmp_path):
+@pytest.mark.parametrize("workers,launcher", [(1, "processes"), (4, "processes")])
+def test_cli_workers_give_the_single_process_losses(workers, launcher, single_run, tmp_path):
+    """N local processes reproduce one process (tests/test_ray.py: Ray Train workers reproduce them)."""
     (tmp_path / "one").symlink_to(single_run)
     result = _cli("train", "tiny", "--workers", str(workers), "--run-dir", str(tmp_path / "many"), "--no-progress",
-                  "--set", "train.log_every=1")
+                  "--set", "train.log_every=1", "--set", f"distributed.launcher={launcher}")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 20  # stdout: the result only
     one, many = _logged_losses(tmp_path / "one"), _logged_losses(tmp_path / "many")

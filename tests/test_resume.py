@@ -9,6 +9,7 @@ import pytest
 from memray.train import Trainer, load_run_config
 
 SAVE = ["--set", "train.log_every=1", "--set", "train.checkpoint_every=10", "--set", "train.keep_last=0"]
+LOCAL = ["--set", "distributed.launcher=processes"]  # tests/test_ray.py resumes through Ray
 
 
 def _losses(run_dir):
@@ -18,7 +19,8 @@ def _losses(run_dir):
 
 def _cli(*args):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "memray.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "memray.cli", *args, *(LOCAL if args[0] == "train" else [])],
+                          capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_single_process_resume_is_exact(tmp_path):
@@ -40,11 +42,11 @@ def two_rank_run(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("workers,tolerance", [(2, 0.0), (3, 1e-4), (1, 1e-4)])
+@pytest.mark.parametrize("workers,tolerance", [(2, 0.0), (3, 1e-4)])
 def test_resume_on_any_world_size(two_rank_run, workers, tolerance, tmp_path):
     """Same world size: the uninterrupted run's losses exactly. Another world size reads its own
     rows and columns and continues from the same state: equal up to the rounding of sums taken
-    in another order."""
+    in another order (tests/test_ray.py resumes on 3 and 1 Ray workers too)."""
     layout = "column" if workers == 3 else "row"
     result = _cli("train", "tiny", "--workers", str(workers), "--set", "distributed.zero_stage=2", "--set",
                   f"model.memory.layout={layout}", "--run-dir", str(tmp_path / "r"), "--no-progress", "--set",

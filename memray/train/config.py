@@ -37,15 +37,29 @@ class TrainerConfig:
 class DistributedConfig:
     """How many processes train, and how (``memray train --workers N`` sets ``workers``)."""
 
-    workers: int = 0  # 0: one process, no process group; N >= 1: N ranks, DeepSpeed + sharded pools
+    workers: int = 2  # 0: one process, no Ray, no process group; N >= 1: N ranks, DeepSpeed + sharded pools
+    # ray: Ray Train workers (an embedded local Ray unless --address); processes: local processes, no Ray
+    launcher: Literal["ray", "processes"] = "ray"
     zero_stage: int = 1  # DeepSpeed ZeRO stage for the dense parameters (0-3)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, else gloo
+    use_gpu: bool = False  # ray: one GPU per worker
+    cpus_per_worker: float = 1.0  # ray: CPUs reserved per worker
+    max_failures: int = 0  # ray: restarts of the workers from the newest committed checkpoint
 
     def __post_init__(self):
         if self.workers < 0:
             raise ConfigError("workers", f"must be >= 0, got {self.workers}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.max_failures < 0:
+            raise ConfigError("max_failures", f"must be >= 0, got {self.max_failures}")
+        if self.max_failures and self.launcher != "ray":
+            raise ConfigError("max_failures", "restarts need launcher: ray")
+        if self.max_failures and self.zero_stage == 3:
+            raise ConfigError("max_failures", "a restart resumes from a checkpoint, which ZeRO-3 cannot load yet: "
+                              "use zero_stage 0-2")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
 
 
 @dataclass(kw_only=True)
@@ -62,13 +76,13 @@ class RunConfig:
     def __post_init__(self):
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError("data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        if self.model.vocab_size < ByteTokenizer.vocab_size:
+        # ingested shards carry their own tokenizer, checked against the model when they are opened
+        if self.data.source != "arrow" and self.model.vocab_size < ByteTokenizer.vocab_size:
             raise ConfigError("model.vocab_size", f"must be >= {ByteTokenizer.vocab_size} for the byte tokenizer")
-        self.check_world()
 
     def check_world(self) -> None:
         """A run on ``distributed.workers`` ranks must give every rank rows of the batch and of
-        every value pool: checked before any process starts."""
+        every value pool: checked by the launchers before any process starts."""
         workers = self.distributed.workers
         if workers < 1:
             return

@@ -12,19 +12,26 @@ from .config import RunConfig
 from .trainer import ZERO3_RESUME, Trainer, default_run_dir
 
 
-def train_worker(config: RunConfig, run_dir: str, progress: bool = False, resume: str | None = None) -> dict:
-    """Join the process group described by the environment, train (from ``resume``, a
-    checkpoint of any world size), leave the group."""
+def train_worker(config: RunConfig, run_dir: str, progress: bool = False, resume: str | None = None,
+                 on_checkpoint=None) -> dict:
+    """Join the process group described by the environment (or the one already initialised, as
+    under Ray Train), train (from ``resume``, a checkpoint of any world size), leave a group it
+    created. ``on_checkpoint(path, metrics)`` runs on every rank after each committed save."""
+    import torch.distributed as dist
+
     from memray.distributed import init_distributed, shutdown_distributed
 
+    created = not dist.is_initialized()
     ctx = init_distributed(config.distributed.backend)
     try:
         trainer = Trainer(config, run_dir, progress=progress, context=ctx)
+        trainer.on_checkpoint = on_checkpoint
         if resume:
             trainer.resume(resume)
         return trainer.fit()
     finally:
-        shutdown_distributed()
+        if created:
+            shutdown_distributed()
 
 
 def train_local(config: RunConfig, run_dir: str | Path | None = None, progress: bool = False,

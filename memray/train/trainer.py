@@ -198,6 +198,9 @@ class Trainer:
         self.value_optimizer = build_value_optimizer(o, self.tables.values())
         self.step = 0
         self.tokens = 0
+        # called on every rank after each committed checkpoint with (path, last logged metrics):
+        # the Ray launcher reports checkpoints to Ray Train through it
+        self.on_checkpoint = None
         self._usage_snapshot = {name: self._usage(table) for name, table in self.tables.items()}
 
     # -- collectives (no-ops on one process) -----------------------------------------------------
@@ -365,6 +368,11 @@ class Trainer:
         loss = float(self._sum(loss.detach()))
         return {"loss": loss, "grad_norm": grad_norm, "value_grad_norm": value_norm, "lr": c.optim.lr * factor}
 
+    def _committed(self, path: Path, metrics: dict) -> None:
+        self.log(f"saved {path}")
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path, {k: v for k, v in metrics.items() if not isinstance(v, list)})
+
     def fit(self) -> dict:
         c = self.config
         self._open_run_dir()
@@ -398,15 +406,15 @@ class Trainer:
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
                 if c.train.checkpoint_every and self.step % c.train.checkpoint_every == 0 and self.step < c.train.steps:
                     if pending is not None:
-                        self.log(f"saved {pending.finish()}")
+                        self._committed(pending.finish(), last)
                     pending = self.start_save(background=c.train.async_checkpoint)
                     if not c.train.async_checkpoint:
-                        self.log(f"saved {pending.finish()}")
+                        self._committed(pending.finish(), last)
                         pending = None
             if pending is not None:
-                self.log(f"saved {pending.finish()}")
+                self._committed(pending.finish(), last)
             checkpoint = self.save()
-            self.log(f"saved {checkpoint}")
+            self._committed(checkpoint, last)
         finally:
             bar.close()
         result = {"run_dir": str(self.run_dir), "checkpoint": str(checkpoint), "step": self.step, "loss": last.get("loss")}

@@ -1,0 +1,116 @@
+"""Connecting to Ray: an embedded local instance, or a running cluster by address.
+
+The embedded instance binds to 127.0.0.1 and keeps Ray's token authentication on (Ray enables it
+for new local instances and keeps the token in ``~/.ray/auth_token`` unless ``RAY_AUTH_TOKEN`` or
+``RAY_AUTH_TOKEN_PATH`` name another); it lives as long as the command. An address is checked
+for reachability within a few seconds before Ray is asked to connect, so a wrong address is one
+line, not a hang.
+"""
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from memray.errors import InputError, UserError
+
+CONNECT_TIMEOUT_S = 5.0
+LOOPBACK = "127.0.0.1"
+
+
+def split_address(address: str, default_port: int) -> tuple[str, int, str]:
+    """(host, port, scheme) of ``host[:port]``, ``http://host:port`` or ``ray://host:port``."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        port = parsed.port or default_port
+    except ValueError:
+        raise InputError(f"address {address!r}: the port is not a number") from None
+    if not parsed.hostname:
+        raise InputError(f"address {address!r}: no host")
+    return parsed.hostname, port, parsed.scheme
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_reachable(address: str, default_port: int, what: str) -> None:
+    host, port, _ = split_address(address, default_port)
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+        raise InputError(f"cannot reach {what} at {address} ({host}:{port}): {reason}") from None
+
+
+def auth_token() -> str | None:
+    """The Ray auth token this client would send: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH's file, or
+    ~/.ray/auth_token; None when there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None
+    return token or None
+
+
+def loopback_only() -> None:
+    """Make a Ray started by this process single-node on 127.0.0.1: every port it opens binds to
+    loopback (Ray reads this when it is first imported)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None):
+    """Ray connected for the duration: the cluster at ``address`` (GCS ``host:6379`` or
+    ``ray://host:10001``), else the one ``RAY_ADDRESS`` names (as inside a Ray job), else an
+    embedded local instance on 127.0.0.1. A Ray already initialised in this process is reused
+    and left running."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or is_loopback(split_address(address, 6379)[0]):
+        loopback_only()  # this machine's head: the driver's node is 127.0.0.1 too
+    if address is not None:
+        check_reachable(address, 10001 if address.startswith("ray://") else 6379, "the Ray cluster")
+        if auth_token() is not None:  # a configured token is sent to the cluster (read when Ray is imported)
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address is None:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK,
+                 _node_ip_address=LOOPBACK, logging_level=logging.WARNING)
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def user_error(exc: BaseException) -> UserError | None:
+    """A user error raised inside a worker, found in what Ray raises on the driver."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        todo += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
+        todo += [getattr(e, attr, None) for attr in ("cause", "error", "_base_exc")]
+    return None
