@@ -107,6 +107,7 @@ def submit(config, overrides, workers, run_dir, resume, submission_id, no_wait, 
     if run_config.distributed.workers < 1 or run_config.distributed.launcher != "ray":
         raise UsageError("a submitted job trains on Ray Train workers: --workers >= 1, distributed.launcher: ray")
     run_config.check_world()
+    run_config = run_config.with_absolute_paths()  # a job runs in its own working directory
     run_dir = str(Path(run_dir or run_config.run_dir or default_run_dir(run_config)).resolve())
     client, job_id, new = jobs.submit(dump_yaml(run_config), address=address, run_dir=run_dir,
                                       submission_id=submission_id, resume=resume, insecure=insecure)

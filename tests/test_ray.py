@@ -187,14 +187,19 @@ def test_ingest_as_ray_tasks_writes_the_local_shards(embedded_ray, tmp_path):
 
 
 @pytest.mark.parametrize("workers,layout", [(3, "column"), (1, "row")])
-def test_elastic_resume_on_other_worker_counts(embedded_ray, uninterrupted, workers, layout, tmp_path):
+def test_elastic_resume_on_other_worker_counts(embedded_ray, uninterrupted, workers, layout, tmp_path, monkeypatch):
     """2 workers' step-20 checkpoint continued on 3 (column layout) and 1 Ray workers: the same
     weights, optimizer state and data, so the same losses up to the rounding of sums taken in
-    another order."""
+    another order. The data come from a facts file named by a relative path (the same facts as
+    the synthetic source): Ray workers, which start elsewhere, must find it."""
+    from memray.data import generate_facts, write_facts
     from memray.launch.ray_train import train_on_ray
 
+    data = load_run_config("tiny").data
+    write_facts(tmp_path / "facts.jsonl", generate_facts(data.num_entities, data.num_attributes, data.seed))
+    monkeypatch.chdir(tmp_path)
     config = load_run_config("tiny", [*TINY, "train.steps=30", f"distributed.workers={workers}",
-                                      f"model.memory.layout={layout}"])
+                                      f"model.memory.layout={layout}", "data.source=facts", "data.path=facts.jsonl"])
     result = train_on_ray(config, tmp_path / "run", resume=uninterrupted / "checkpoints" / "step-00000020")
     assert result["step"] == 30
     resumed = _metrics(tmp_path / "run")

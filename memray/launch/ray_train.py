@@ -114,6 +114,7 @@ def train_on_ray(config: RunConfig, run_dir: str | Path, progress: bool = False,
 
     d = config.distributed
     config.check_world()
+    config = config.with_absolute_paths()  # Ray workers do not start in this directory
     if resume and d.zero_stage == 3:
         raise ZERO3_RESUME
     resume = str(find_checkpoint(resume).resolve()) if resume else None

@@ -80,6 +80,17 @@ class RunConfig:
         if self.data.source != "arrow" and self.model.vocab_size < ByteTokenizer.vocab_size:
             raise ConfigError("model.vocab_size", f"must be >= {ByteTokenizer.vocab_size} for the byte tokenizer")
 
+    def with_absolute_paths(self) -> "RunConfig":
+        """This config with ``data.path`` made absolute against the current directory: for
+        workers whose working directory is not the caller's (Ray workers and jobs)."""
+        import copy
+        from pathlib import Path
+
+        out = copy.deepcopy(self)
+        if out.data.path:
+            out.data.path = str(Path(out.data.path).expanduser().resolve())
+        return out
+
     def check_world(self) -> None:
         """A run on ``distributed.workers`` ranks must give every rank rows of the batch and of
         every value pool: checked by the launchers before any process starts."""
