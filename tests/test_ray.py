@@ -182,8 +182,9 @@ def test_ingest_as_ray_tasks_writes_the_local_shards(embedded_ray, tmp_path):
     # a malformed record found by a task comes back as the one-line input error, not a Ray traceback
     from memray.errors import InputError
 
-    with pytest.raises(InputError, match=r"0\.jsonl:51: not JSON"):
+    with pytest.raises(InputError, match=r"\d\.jsonl:51: not JSON") as info:
         ingest(sources, tmp_path / "strict", strict=True, map_files=map_files)
+    assert "\n" not in str(info.value) and type(info.value) is InputError
 
 
 @pytest.mark.parametrize("workers,layout", [(3, "column"), (1, "row")])

@@ -110,7 +110,10 @@ def user_error(exc: BaseException) -> UserError | None:
             continue
         seen.add(id(e))
         if isinstance(e, UserError):
-            return e
+            # Ray re-raises a task's exception as a subclass of it carrying the remote traceback
+            # in its message; the original is its ``cause``
+            cause = getattr(e, "cause", None)
+            return cause if isinstance(cause, UserError) else e
         todo += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
         todo += [getattr(e, attr, None) for attr in ("cause", "error", "_base_exc")]
     return None
