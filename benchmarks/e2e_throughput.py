@@ -7,7 +7,8 @@ machine hit both alike; the median step time of each gives its tokens/s. Run on 
 on 2 ranks (local processes: DeepSpeed ZeRO-1 for the dense parameters, the value table sharded
 by rows). The memory layer's overhead is dense tokens/s / Memory+ tokens/s - 1.
 
-    python benchmarks/e2e_throughput.py [--quick]
+    python benchmarks/e2e_throughput.py [--quick]          # 128² slots -> results/e2e_throughput.*
+    python benchmarks/e2e_throughput.py --n-keys 256       # factual_recall.py's size -> e2e_throughput_256.*
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def main() -> None:
                                                                                            ("2 ranks", two))}
     for row in rows:
         row["x_dense"] = ratio[row["setting"]] if row["model"] == "memory_plus" else 1.0
-    write_table(pathlib.Path(args.out), NAME, rows,
+    name = NAME if args.n_keys == 128 else f"{NAME}_{args.n_keys}"  # 128: the default, the README's figure
+    write_table(pathlib.Path(args.out), name, rows,
                 ["setting", "model", "flops_per_token", "step_s", "tokens_per_s", "x_dense", "steps"],
                 title=f"Training tokens/s at equal FLOPs per token (Memory+ {args.n_keys}² slots, batch 32 x 128 "
                       f"tokens; medians of alternating blocks{', quick' if args.quick else ''})",

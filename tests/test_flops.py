@@ -39,5 +39,20 @@ def test_factual_recall_smoke_matches_models(tmp_path):
     assert abs(flops["moe"] / flops["memory_plus"] - 1) < 0.02
     assert abs(params["moe"] / params["memory_plus"] - 1) < 0.05
     assert set(summary["recall"]) == {"dense", "memory_plus", "moe"}
-    assert (tmp_path / "factual_recall.csv").read_text().startswith("model,n_keys")
-    assert (tmp_path / "factual_recall_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "factual_recall_quick.csv").read_text().startswith("model,n_keys")
+    assert (tmp_path / "factual_recall_quick_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recall_floor_is_the_commonest_answer_of_each_attribute():
+    """The floor the benchmark reports: what a model that memorised nothing would score."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+    from factual_recall import prior_recall
+
+    from memray.data import Fact
+
+    facts = [Fact(f"P{i} Q was born in", city, {"attribute": "city"}) for i, city in enumerate("AAAB")]
+    facts += [Fact(f"P{i} Q plays the", instrument, {"attribute": "instrument"}) for i, instrument in enumerate("XYY")]
+    assert prior_recall(facts, facts) == 5 / 7  # the three A's and the two Y's
+    assert prior_recall(facts, [facts[3], facts[4]]) == 0.0
+    unlabelled = [Fact(f.prompt, f.answer) for f in facts]  # a facts file: grouped by the relation words
+    assert prior_recall(unlabelled, unlabelled) == 5 / 7
