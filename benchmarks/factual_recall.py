@@ -21,7 +21,7 @@ Memory+ at n_keys from 32 to 512 (recall vs memory size, the analogue of the pap
 Results: ``benchmarks/results/<name>.csv`` (+ ``.md``, ``_curve.png``, ``_sizes.png``); the last
 line printed is JSON with every figure.
 
-    python benchmarks/factual_recall.py --quick       # 1,000 facts, 360 steps of 16 x 128 tokens, < 5 min
+    python benchmarks/factual_recall.py --quick       # 800 facts, 260 steps of 16 x 128 tokens, < 5 min
     python benchmarks/factual_recall.py               # 4,000 facts, 800 steps of 32 x 128 tokens, ~33 min
     python benchmarks/factual_recall.py --sweep --models dense --points 1 --name factual_recall_sizes
     python benchmarks/factual_recall.py --facts F.jsonl   # a given facts file (no paraphrases)
@@ -56,7 +56,7 @@ MODELS = ("dense", "memory", "memory_plus", "memory_plus_shared", "moe")
 # of guessing each attribute's commonest value: 20,000 facts at 4M tokens (about 6 passes) left
 # every model at that floor, so the budgets below ask fewer facts, each seen about 20 times.
 SETTINGS = {
-    "quick": {"entities": 125, "attributes": 8, "filler": 25, "steps": 360, "batch": 16, "n_keys": 64,
+    "quick": {"entities": 100, "attributes": 8, "filler": 20, "steps": 260, "batch": 16, "n_keys": 64,
               "eval_sample": 400, "points": 3, "sweep": (32, 64)},
     "full": {"entities": 500, "attributes": 8, "filler": 250, "steps": 800, "batch": 32, "n_keys": 256,
              "eval_sample": 1000, "points": 4, "sweep": (32, 64, 128, 256, 512)},
@@ -279,7 +279,7 @@ def main() -> None:
                       f"tokens{', quick' if args.quick else ''})", machine=machine_info())
     prior = prior_recall(facts, eval_facts)
     by = {r["model"]: r for r in rows}
-    plot(out, args.name, curves, sizes, prior, by["dense"]["recall"] if "dense" in by else None)
+    plot(out, args.name, curves, sizes, prior, by.get("dense"))
     summary = {
         "benchmark": NAME, "facts": len(facts), "tokens": rows[0]["tokens"] if rows else 0,
         "recall": {m: by[m]["recall"] for m in by},
@@ -296,7 +296,7 @@ def main() -> None:
 
 
 def plot(out: pathlib.Path, name: str, curves: list[dict], sizes: list[dict], prior: float,
-         dense: float | None) -> None:
+         dense: dict | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,13 +317,15 @@ def plot(out: pathlib.Path, name: str, curves: list[dict], sizes: list[dict], pr
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["params_memory"] / 1e6 for r in sizes], [r["recall"] for r in sizes], marker="o")
         for r in sizes:
-            ax.annotate(f"{r['n_keys']}²", (r["params_memory"] / 1e6, r["recall"]))
+            ax.annotate(f"{r['n_keys']}², {r['flops_per_token'] / 1e6:.2f}M", (r["params_memory"] / 1e6, r["recall"]),
+                        fontsize=8)
         if dense is not None:
-            ax.axhline(dense, color="black", label="dense, same FLOPs per token")
+            flops = dense["flops_per_token"] / 1e6
+            ax.axhline(dense["recall"], color="black", label=f"dense, {flops:.2f}M FLOPs/token")
         ax.axhline(prior, color="grey", linestyle="--", label="commonest answer (no memory)")
         ax.legend()
         ax.set(xscale="log", xlabel="memory parameters (millions)", ylabel="exact-match recall",
-               title="Memory+ recall vs memory size")
+               title="Memory+ recall vs memory size (labels: slots, FLOPs/token)")
         fig.tight_layout()
         fig.savefig(out / f"{name}_sizes.png", dpi=100)
         plt.close(fig)
