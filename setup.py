@@ -4,6 +4,7 @@ The import package is ``memray``; ``kernels/`` (Triton kernels and their pure-to
 importing only torch and triton) is installed as ``memray.kernels``, and ``jobs/`` (the Ray job
 entrypoints that ``memray submit`` ships) as ``memray.jobs``.
 """
+
 from setuptools import find_packages, setup
 
 setup(

@@ -19,6 +19,7 @@ compared). GB/s = bytes of the tensors / seconds.
 
     python benchmarks/bench_checkpoint.py [--quick] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--log2-rows", type=int, default=None)
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "results")
-    parser.add_argument("--dir", type=pathlib.Path, default=None, help="where to write (default: a temporary directory)")
+    parser.add_argument(
+        "--dir", type=pathlib.Path, default=None, help="where to write (default: a temporary directory)"
+    )
     args = parser.parse_args(argv)
     log2_rows = args.log2_rows or (18 if args.quick else 20)
     reps = args.reps or (2 if args.quick else 5)
@@ -107,14 +110,30 @@ def main(argv=None) -> dict:
     for op in ("save", "load"):
         for method in ("raw", "memray", "torch"):
             seconds = statistics.median(times[f"{method}_{op}"])
-            rows.append({"op": op, "method": method, "median_s": seconds, "GBps": nbytes / seconds / 1e9,
-                         "vs_raw": statistics.median(times[f"raw_{op}"]) / seconds})
+            rows.append(
+                {
+                    "op": op,
+                    "method": method,
+                    "median_s": seconds,
+                    "GBps": nbytes / seconds / 1e9,
+                    "vs_raw": statistics.median(times[f"raw_{op}"]) / seconds,
+                }
+            )
         summary[f"{op}_memray_vs_raw"] = rows[-2]["vs_raw"]
-        summary[f"{op}_memray_vs_torch"] = statistics.median(times[f"torch_{op}"]) / statistics.median(times[f"memray_{op}"])
+        summary[f"{op}_memray_vs_torch"] = statistics.median(times[f"torch_{op}"]) / statistics.median(
+            times[f"memray_{op}"]
+        )
     machine = machine_info()
-    write_table(args.out, NAME, rows, ["op", "method", "median_s", "GBps", "vs_raw"], machine=machine, summary=summary,
-                title=f"Save and restore of a 2^{log2_rows} x {DIM} fp32 pool + one fp32 per row "
-                      f"({nbytes / 2**30:.2f} GiB), medians of {reps} interleaved rounds.")
+    write_table(
+        args.out,
+        NAME,
+        rows,
+        ["op", "method", "median_s", "GBps", "vs_raw"],
+        machine=machine,
+        summary=summary,
+        title=f"Save and restore of a 2^{log2_rows} x {DIM} fp32 pool + one fp32 per row "
+        f"({nbytes / 2**30:.2f} GiB), medians of {reps} interleaved rounds.",
+    )
     summary["machine"] = machine
     print(json.dumps(summary))
     return summary

@@ -8,6 +8,7 @@ scale. Byte tokenizer, so tokens = UTF-8 bytes + 2 per document.
 
     python benchmarks/bench_ingest.py [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def make_corpus(directory: pathlib.Path, files: int, mib: int) -> int:
         with open(directory / f"part-{index}.jsonl", "w") as handle:
             written, line = 0, 0
             while written < per_file:
-                text = facts[line % len(facts)] if line % 3 else " ".join(facts[line % len(facts):][:8])
+                text = facts[line % len(facts)] if line % 3 else " ".join(facts[line % len(facts) :][:8])
                 row = "{not json\n" if line % 100 == 99 else json.dumps({"text": text}) + "\n"
                 handle.write(row)
                 written += len(row)
@@ -76,19 +77,34 @@ def main(argv=None) -> dict:
                 shutil.rmtree(out)
             seconds = statistics.median(times)
             tokens = manifest["totals"]["tokens"]
-            rows.append({"workers": workers, "input_MiB": nbytes / 2**20, "documents": manifest["totals"]["written"],
-                         "rejected": manifest["totals"]["rejected"], "tokens": tokens, "median_s": seconds,
-                         "tokens_per_s": tokens / seconds, "MiB_per_s": nbytes / 2**20 / seconds})
+            rows.append(
+                {
+                    "workers": workers,
+                    "input_MiB": nbytes / 2**20,
+                    "documents": manifest["totals"]["written"],
+                    "rejected": manifest["totals"]["rejected"],
+                    "tokens": tokens,
+                    "median_s": seconds,
+                    "tokens_per_s": tokens / seconds,
+                    "MiB_per_s": nbytes / 2**20 / seconds,
+                }
+            )
             summary[f"tokens_per_s/w{workers}"] = tokens / seconds
         summary["speedup_2_workers"] = summary["tokens_per_s/w2"] / summary["tokens_per_s/w1"]
         summary["read_MiB_per_s"] = nbytes / 2**20 / read_s
     finally:
         shutil.rmtree(work, ignore_errors=True)
     machine = machine_info()
-    write_table(args.out, NAME, rows, ["workers", "input_MiB", "documents", "rejected", "tokens", "median_s",
-                                       "tokens_per_s", "MiB_per_s"], machine=machine, summary=summary,
-                title=f"memray ingest of {args.files} JSON-lines files ({mib} MiB, 1% malformed), byte tokenizer, "
-                      f"median of {reps} runs.")
+    write_table(
+        args.out,
+        NAME,
+        rows,
+        ["workers", "input_MiB", "documents", "rejected", "tokens", "median_s", "tokens_per_s", "MiB_per_s"],
+        machine=machine,
+        summary=summary,
+        title=f"memray ingest of {args.files} JSON-lines files ({mib} MiB, 1% malformed), byte tokenizer, "
+        f"median of {reps} runs.",
+    )
     summary["machine"] = machine
     print(json.dumps(summary))
     return summary

@@ -29,6 +29,7 @@ handling of the fresh gradient buffer, and the C++ build's vector ISA.
     python benchmarks/bench_lookup.py            # full: 7 repetitions
     python benchmarks/bench_lookup.py --quick    # 3 repetitions
 """
+
 import argparse
 import csv
 import json
@@ -129,6 +130,7 @@ def memray_step(backend, indices, weights, table, grad_out, backward):
         if backward:
             torch.autograd.grad(out, (w, t), grad_out)
         return out
+
     return run
 
 
@@ -143,10 +145,12 @@ def torch_step(sparse, indices, weights, table, grad_out, backward):
         if backward:
             torch.autograd.grad(out, (w, t), grad_out)
         return out
+
     return run
 
 
 # Alternatives for the CPU backward, kept here so that the choice in kernels/ stays measurable.
+
 
 def option_gather_per_entry(grad_out, indices, weights, table, offsets):
     """The first torch backend: gather grad_out per entry, index_add into unique rows, vecdot."""
@@ -176,16 +180,18 @@ def option_broadcast_bmm(grad_out, indices, weights, table, offsets):
         rows = table.index_select(0, idx2d[b0:b1].reshape(-1)).view(b1 - b0, BAG_LEN, D)
         torch.bmm(rows, grad_out[b0:b1, :, None], out=grad_weights[b0:b1, :, None])
         contrib = w2d[b0:b1, :, None] * grad_out[b0:b1, None, :]  # [bags, L, D]
-        acc_rows.index_add_(0, inverse[b0 * BAG_LEN:b1 * BAG_LEN], contrib.view(-1, D))
+        acc_rows.index_add_(0, inverse[b0 * BAG_LEN : b1 * BAG_LEN], contrib.view(-1, D))
     return grad_weights.view(nnz), unique_rows, acc_rows
 
 
 def _compiled_backward():
     """The first torch backend's math written plainly, for torch.compile's C++ code generation."""
+
     def backward(grad_out, indices, weights, table, bag_ids, inverse, num_unique: int):
         grad_weights = (table[indices] * grad_out[bag_ids]).sum(-1)
         row_grads = torch.zeros(num_unique, table.shape[1]).index_add_(0, inverse, weights[:, None] * grad_out[bag_ids])
         return grad_weights, row_grads
+
     compiled = torch.compile(backward, dynamic=False)
 
     def run(grad_out, indices, weights, table, offsets):
@@ -193,6 +199,7 @@ def _compiled_backward():
         bag_ids = EB._bag_ids(offsets, indices.numel())
         grad_weights, row_grads = compiled(grad_out, indices, weights, table, bag_ids, inverse, unique_rows.numel())
         return grad_weights, unique_rows, row_grads
+
     return run
 
 
@@ -219,21 +226,25 @@ def run_options(reps, gen, bags, copy, log2_rows=20, with_compile=False):
         "part: torch.sort(stable) + unique_consecutive": lambda: EB._row_segments(indices),
     }
     fns = {
-        "gather per entry + index_add + vecdot (first torch backend)":
-            lambda: option_gather_per_entry(grad_out, indices, weights, table, offsets),
-        "broadcast + bmm + index_add (fixed L)":
-            lambda: option_broadcast_bmm(grad_out, indices, weights, table, offsets),
-        "sort + F.embedding_bag over grad_out + fused weight-grad op (torch backend)":
-            lambda: bag_backward(grad_out, indices, weights, table, offsets, "torch"),
+        "gather per entry + index_add + vecdot (first torch backend)": lambda: option_gather_per_entry(
+            grad_out, indices, weights, table, offsets
+        ),
+        "broadcast + bmm + index_add (fixed L)": lambda: option_broadcast_bmm(
+            grad_out, indices, weights, table, offsets
+        ),
+        "sort + F.embedding_bag over grad_out + fused weight-grad op (torch backend)": lambda: bag_backward(
+            grad_out, indices, weights, table, offsets, "torch"
+        ),
     }
     if with_compile:
         compiled = _compiled_backward()
-        fns["torch.compile of gather + index_add (inductor C++)"] = (
-            lambda: compiled(grad_out, indices, weights, table, offsets))
+        fns["torch.compile of gather + index_add (inductor C++)"] = lambda: compiled(
+            grad_out, indices, weights, table, offsets
+        )
     ops = cpu_ext.load()
     if ops is not None:
-        fns["sort + fused C++ kernel (cpp backend)"] = (
-            lambda: bag_backward(grad_out, indices, weights, table, offsets, "cpp")
+        fns["sort + fused C++ kernel (cpp backend)"] = lambda: bag_backward(
+            grad_out, indices, weights, table, offsets, "cpp"
         )
     reference = option_gather_per_entry(grad_out, indices, weights, table, offsets)
     for name, fn in fns.items():
@@ -249,12 +260,28 @@ def run_options(reps, gen, bags, copy, log2_rows=20, with_compile=False):
     del gathered_grads, gathered_rows, acc_rows, parts
     medians, copy_bps = copy.timed(fns, reps)
     rows = [
-        dict(section="options", log2_rows=log2_rows, method=name, pass_="backward (part)", ms=t * 1e3,
-             bytes=bwd_bytes, gbps=bwd_bytes / t / 1e9, copy_gbps=part_copy / 1e9)
+        dict(
+            section="options",
+            log2_rows=log2_rows,
+            method=name,
+            pass_="backward (part)",
+            ms=t * 1e3,
+            bytes=bwd_bytes,
+            gbps=bwd_bytes / t / 1e9,
+            copy_gbps=part_copy / 1e9,
+        )
         for name, t in part_medians.items()
     ] + [
-        dict(section="options", log2_rows=log2_rows, method=name, pass_="backward", ms=t * 1e3,
-             bytes=bwd_bytes, gbps=bwd_bytes / t / 1e9, copy_gbps=copy_bps / 1e9)
+        dict(
+            section="options",
+            log2_rows=log2_rows,
+            method=name,
+            pass_="backward",
+            ms=t * 1e3,
+            bytes=bwd_bytes,
+            gbps=bwd_bytes / t / 1e9,
+            copy_gbps=copy_bps / 1e9,
+        )
         for name, t in medians.items()
     ]
 
@@ -263,9 +290,11 @@ def run_options(reps, gen, bags, copy, log2_rows=20, with_compile=False):
     out = torch.empty(bags, D)
     fwd = {
         "F.embedding_bag, fp32 table": lambda: F.embedding_bag(
-            indices, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True),
+            indices, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
+        ),
         "torch backend (gather + index_add), bf16 table": lambda: bag_forward(
-            indices, weights, table_bf16, offsets, "torch"),
+            indices, weights, table_bf16, offsets, "torch"
+        ),
     }
     if ops is not None:
         fwd["C++ kernel, fp32 table"] = lambda: ops.bag_forward(indices, weights, table, offsets, out)
@@ -273,8 +302,18 @@ def run_options(reps, gen, bags, copy, log2_rows=20, with_compile=False):
     medians, copy_bps = copy.timed(fwd, reps)
     for name, t in medians.items():
         fwd_bytes = forward_bytes(indices.numel(), bags, elem=2 if "bf16" in name else 4)
-        rows.append(dict(section="options", log2_rows=log2_rows, method=name, pass_="forward kernel", ms=t * 1e3,
-                         bytes=fwd_bytes, gbps=fwd_bytes / t / 1e9, copy_gbps=copy_bps / 1e9))
+        rows.append(
+            dict(
+                section="options",
+                log2_rows=log2_rows,
+                method=name,
+                pass_="forward kernel",
+                ms=t * 1e3,
+                bytes=fwd_bytes,
+                gbps=fwd_bytes / t / 1e9,
+                copy_gbps=copy_bps / 1e9,
+            )
+        )
 
     # Page faults on the fresh table-gradient buffer of every step, 4 KiB pages against pages
     # advised MADV_HUGEPAGE (what kernels/_alloc.py does for large CPU outputs).
@@ -283,14 +322,25 @@ def run_options(reps, gen, bags, copy, log2_rows=20, with_compile=False):
     faults = {
         "fill a reused [U, D] buffer": lambda: reused.fill_(1.0),
         "torch.empty + fill (4 KiB page faults)": lambda: torch.empty(num_unique, D).fill_(1.0),
-        "_alloc.empty + fill (huge-page advice)": lambda: _alloc.empty(num_unique, D, dtype=torch.float32,
-                                                                       device="cpu").fill_(1.0),
+        "_alloc.empty + fill (huge-page advice)": lambda: _alloc.empty(
+            num_unique, D, dtype=torch.float32, device="cpu"
+        ).fill_(1.0),
     }
     medians, copy_bps = copy.timed(faults, reps)
     for name, t in medians.items():
         nbytes = num_unique * D * 4
-        rows.append(dict(section="options", log2_rows=log2_rows, method=name, pass_="page faults", ms=t * 1e3,
-                         bytes=nbytes, gbps=nbytes / t / 1e9, copy_gbps=copy_bps / 1e9))
+        rows.append(
+            dict(
+                section="options",
+                log2_rows=log2_rows,
+                method=name,
+                pass_="page faults",
+                ms=t * 1e3,
+                bytes=nbytes,
+                gbps=nbytes / t / 1e9,
+                copy_gbps=copy_bps / 1e9,
+            )
+        )
     del reused
 
     # Vector ISA: the default (AVX2 + FMA) build against a baseline x86-64 build of the same source.
@@ -303,16 +353,27 @@ def run_options(reps, gen, bags, copy, log2_rows=20, with_compile=False):
         row_grads = torch.empty(unique_rows.numel(), D)
         isa_fns = {}
         for label, lib in ((isa, ops), ("base x86-64", base)):
-            isa_fns[f"ISA {label}: backward kernel (reused outputs)"] = (
-                lambda lib=lib: lib.bag_backward(grad_out, bag_ids, weights, table, order, seg, unique_rows,
-                                                 grad_w, row_grads))
-            isa_fns[f"ISA {label}: forward kernel, bf16 table"] = (
-                lambda lib=lib: lib.bag_forward(indices, weights, table_bf16, offsets, out))
+            isa_fns[f"ISA {label}: backward kernel (reused outputs)"] = lambda lib=lib: lib.bag_backward(
+                grad_out, bag_ids, weights, table, order, seg, unique_rows, grad_w, row_grads
+            )
+            isa_fns[f"ISA {label}: forward kernel, bf16 table"] = lambda lib=lib: lib.bag_forward(
+                indices, weights, table_bf16, offsets, out
+            )
         medians, copy_bps = copy.timed(isa_fns, reps)
         for name, t in medians.items():
             nbytes = bwd_bytes if "backward" in name else forward_bytes(indices.numel(), bags, elem=2)
-            rows.append(dict(section="options", log2_rows=log2_rows, method=name, pass_="ISA", ms=t * 1e3,
-                             bytes=nbytes, gbps=nbytes / t / 1e9, copy_gbps=copy_bps / 1e9))
+            rows.append(
+                dict(
+                    section="options",
+                    log2_rows=log2_rows,
+                    method=name,
+                    pass_="ISA",
+                    ms=t * 1e3,
+                    bytes=nbytes,
+                    gbps=nbytes / t / 1e9,
+                    copy_gbps=copy_bps / 1e9,
+                )
+            )
     return rows
 
 
@@ -330,8 +391,13 @@ def machine():
                 break
     except OSError:
         pass
-    return dict(cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__,
-                cuda=torch.cuda.is_available(), load_avg=os.getloadavg()[0])
+    return dict(
+        cpu=cpu,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        cuda=torch.cuda.is_available(),
+        load_avg=os.getloadavg()[0],
+    )
 
 
 def write_results(out_dir, rows, summary):
@@ -368,10 +434,17 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=None, help="repetitions per timing (overrides --quick)")
     parser.add_argument("--log2-rows", type=int, nargs="+", default=list(LOG2_ROWS), help="table sizes 2^k")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="bags per call (128 lookups each)")
-    parser.add_argument("--no-options", dest="options", action="store_false",
-                        help="skip the side-by-side alternatives for the CPU kernels")
-    parser.add_argument("--with-compile", action="store_true",
-                        help="also time a torch.compile'd backward among the options (compiles for ~15 s)")
+    parser.add_argument(
+        "--no-options",
+        dest="options",
+        action="store_false",
+        help="skip the side-by-side alternatives for the CPU kernels",
+    )
+    parser.add_argument(
+        "--with-compile",
+        action="store_true",
+        help="also time a torch.compile'd backward among the options (compiles for ~15 s)",
+    )
     parser.add_argument("--options-log2-rows", type=int, default=20, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS), help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -400,8 +473,9 @@ def main(argv=None):
         methods["F.embedding_bag dense"] = lambda bwd: torch_step(False, indices, weights, table, grad_out, bwd)
 
         ours = memray_step(backend, indices, weights, table, grad_out, False)()
-        torch.testing.assert_close(ours, torch_step(True, indices, weights, table, grad_out, False)(),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ours, torch_step(True, indices, weights, table, grad_out, False)(), atol=1e-4, rtol=1e-4
+        )
 
         fwd_b = forward_bytes(nnz, bags)
         step_b = fwd_b + backward_bytes(nnz, bags, num_unique)
@@ -411,20 +485,34 @@ def main(argv=None):
                 fns.pop("F.embedding_bag dense")
             medians, copy_bps = copy.timed(fns, reps)
             for name, t in medians.items():
-                rows.append(dict(section="lookup", log2_rows=log2_rows, method=name, pass_=pass_, ms=t * 1e3,
-                                 bytes=nbytes, gbps=nbytes / t / 1e9, copy_gbps=copy_bps / 1e9,
-                                 x_copy_floor=t / (nbytes / copy_bps)))
-                print(f"N=2^{log2_rows:<2d} {pass_:16s} {name:24s} {t * 1e3:8.1f} ms  "
-                      f"{nbytes / t / 1e9:6.1f} GB/s  {t / (nbytes / copy_bps):5.1f}x copy floor "
-                      f"(copy {copy_bps / 1e9:.1f} GB/s)", flush=True)
+                rows.append(
+                    dict(
+                        section="lookup",
+                        log2_rows=log2_rows,
+                        method=name,
+                        pass_=pass_,
+                        ms=t * 1e3,
+                        bytes=nbytes,
+                        gbps=nbytes / t / 1e9,
+                        copy_gbps=copy_bps / 1e9,
+                        x_copy_floor=t / (nbytes / copy_bps),
+                    )
+                )
+                print(
+                    f"N=2^{log2_rows:<2d} {pass_:16s} {name:24s} {t * 1e3:8.1f} ms  "
+                    f"{nbytes / t / 1e9:6.1f} GB/s  {t / (nbytes / copy_bps):5.1f}x copy floor "
+                    f"(copy {copy_bps / 1e9:.1f} GB/s)",
+                    flush=True,
+                )
         del table, fns
 
     if args.options:
         for row in run_options(reps, gen, bags, copy, args.options_log2_rows, args.with_compile):
             row["x_copy_floor"] = row["ms"] / 1e3 / (row["bytes"] / (row["copy_gbps"] * 1e9))
             rows.append(row)
-            print(f"option: {row['method']:78s} {row['ms']:8.1f} ms  {row['x_copy_floor']:5.1f}x copy floor",
-                  flush=True)
+            print(
+                f"option: {row['method']:78s} {row['ms']:8.1f} ms  {row['x_copy_floor']:5.1f}x copy floor", flush=True
+            )
 
     def pick(log2_rows, method, pass_):
         for row in rows:
@@ -438,20 +526,29 @@ def main(argv=None):
         ours_step = pick(log2_rows, ours_name, "forward+backward")
         ours_fwd = pick(log2_rows, ours_name, "forward")
         entry = dict(
-            fwd_ms=round(ours_fwd["ms"], 2), fwd_GBps=round(ours_fwd["gbps"], 2),
-            step_ms=round(ours_step["ms"], 2), step_GBps=round(ours_step["gbps"], 2),
+            fwd_ms=round(ours_fwd["ms"], 2),
+            fwd_GBps=round(ours_fwd["gbps"], 2),
+            step_ms=round(ours_step["ms"], 2),
+            step_GBps=round(ours_step["gbps"], 2),
             step_x_copy_floor=round(ours_step["x_copy_floor"], 2),
         )
-        for other, key in (("F.embedding_bag sparse", "speedup_vs_torch_sparse"),
-                           ("F.embedding_bag dense", "speedup_vs_torch_dense"),
-                           ("memray[torch]", "speedup_vs_memray_torch")):
+        for other, key in (
+            ("F.embedding_bag sparse", "speedup_vs_torch_sparse"),
+            ("F.embedding_bag dense", "speedup_vs_torch_dense"),
+            ("memray[torch]", "speedup_vs_memray_torch"),
+        ):
             row = pick(log2_rows, other, "forward+backward")
             if row is not None and other != ours_name:
                 entry[key] = round(row["ms"] / ours_step["ms"], 2)
         per_n[f"2^{log2_rows}"] = entry
     summary = dict(
-        benchmark=NAME, backend=backend, reps=reps, machine=info, copy_GBps=round(copy.median_bps() / 1e9, 2),
-        per_N=per_n, load_avg_end=os.getloadavg()[0],
+        benchmark=NAME,
+        backend=backend,
+        reps=reps,
+        machine=info,
+        copy_GBps=round(copy.median_bps() / 1e9, 2),
+        per_N=per_n,
+        load_avg_end=os.getloadavg()[0],
     )
     if len(args.log2_rows) > 1:
         lo, hi = min(args.log2_rows), max(args.log2_rows)

@@ -22,6 +22,7 @@ Claims measured:
 Results: ``benchmarks/results/bench_sharded_lookup.{csv,md}`` (or ``--out``); the last line
 printed is JSON with the key figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,21 @@ from memray.distributed import ShardedValueTable, init_distributed, lookup_traff
 from memray.optim import RowWiseAdagrad  # noqa: E402
 
 NAME = "bench_sharded_lookup"
-FIELDS = ["section", "layout", "world", "rows", "dim", "tokens_per_rank", "lookups", "measured_bytes_per_token",
-          "formula_bytes_per_token", "ratio", "step_ms", "tokens_per_s", "peak_rss_mib"]
+FIELDS = [
+    "section",
+    "layout",
+    "world",
+    "rows",
+    "dim",
+    "tokens_per_rank",
+    "lookups",
+    "measured_bytes_per_token",
+    "formula_bytes_per_token",
+    "ratio",
+    "step_ms",
+    "tokens_per_s",
+    "peak_rss_mib",
+]
 
 
 def _peak_rss_mib() -> float:
@@ -84,13 +98,28 @@ def _scale_config(log2_rows: int, workers: int):
     from memray.train import load_run_config
 
     n_keys = 2 ** (log2_rows // 2)
-    return load_run_config("tiny", [
-        "model.dim=256", "model.n_layers=4", "model.n_heads=4", "model.max_seq_len=128", "model.memory_layers=[2]",
-        f"model.memory.n_keys={n_keys}", "model.memory.heads=2", "model.memory.knn=16", "model.memory.k_dim=64",
-        "data.seq_len=128", "data.num_entities=200", "train.batch_size=8", "train.steps=1000",
-        "optim.value_optimizer=rowwise_adagrad", "model.memory.value_lr=0.01",
-        f"distributed.workers={workers}", "distributed.zero_stage=2",
-    ])
+    return load_run_config(
+        "tiny",
+        [
+            "model.dim=256",
+            "model.n_layers=4",
+            "model.n_heads=4",
+            "model.max_seq_len=128",
+            "model.memory_layers=[2]",
+            f"model.memory.n_keys={n_keys}",
+            "model.memory.heads=2",
+            "model.memory.knn=16",
+            "model.memory.k_dim=64",
+            "data.seq_len=128",
+            "data.num_entities=200",
+            "train.batch_size=8",
+            "train.steps=1000",
+            "optim.value_optimizer=rowwise_adagrad",
+            "model.memory.value_lr=0.01",
+            f"distributed.workers={workers}",
+            "distributed.zero_stage=2",
+        ],
+    )
 
 
 def _scale_worker(sizes, warmup, reps) -> dict:
@@ -114,7 +143,9 @@ def _scale_worker(sizes, warmup, reps) -> dict:
         out[log2_rows]["times"] += times
         del trainer
     dist.destroy_process_group()
-    return {k: {"step_s": statistics.median(v["times"]), "rss_mib": v["rss"], "tokens": v["tokens"]} for k, v in out.items()}
+    return {
+        k: {"step_s": statistics.median(v["times"]), "rss_mib": v["rss"], "tokens": v["tokens"]} for k, v in out.items()
+    }
 
 
 def run_traffic_and_step(backend, worlds, rows, dim, tokens, lookups, warmup, reps) -> list[dict]:
@@ -125,10 +156,22 @@ def run_traffic_and_step(backend, worlds, rows, dim, tokens, lookups, warmup, re
             measured = statistics.mean(r["bytes_per_token"] for r in ranks)
             formula = lookup_traffic(layout, world, tokens, lookups, dim)["bytes_per_token"]
             step = max(r["step_s"] for r in ranks)  # a step ends when its slowest rank does
-            out.append({"section": "traffic+step", "layout": layout, "world": world, "rows": rows, "dim": dim,
-                        "tokens_per_rank": tokens, "lookups": lookups, "measured_bytes_per_token": measured,
-                        "formula_bytes_per_token": formula, "ratio": measured / formula if formula else 1.0,
-                        "step_ms": step * 1e3, "tokens_per_s": world * tokens / step})
+            out.append(
+                {
+                    "section": "traffic+step",
+                    "layout": layout,
+                    "world": world,
+                    "rows": rows,
+                    "dim": dim,
+                    "tokens_per_rank": tokens,
+                    "lookups": lookups,
+                    "measured_bytes_per_token": measured,
+                    "formula_bytes_per_token": formula,
+                    "ratio": measured / formula if formula else 1.0,
+                    "step_ms": step * 1e3,
+                    "tokens_per_s": world * tokens / step,
+                }
+            )
     return out
 
 
@@ -137,10 +180,19 @@ def run_scale(small, big, warmup, reps) -> list[dict]:
     out = []
     for log2_rows in (small, big):
         step = max(r[log2_rows]["step_s"] for r in ranks)
-        out.append({"section": "scale", "layout": "row", "world": 2, "rows": 2**log2_rows, "dim": 256,
-                    "tokens_per_rank": ranks[0][log2_rows]["tokens"] // 2, "step_ms": step * 1e3,
-                    "tokens_per_s": ranks[0][log2_rows]["tokens"] / step,
-                    "peak_rss_mib": max(r[log2_rows]["rss_mib"] for r in ranks)})
+        out.append(
+            {
+                "section": "scale",
+                "layout": "row",
+                "world": 2,
+                "rows": 2**log2_rows,
+                "dim": 256,
+                "tokens_per_rank": ranks[0][log2_rows]["tokens"] // 2,
+                "step_ms": step * 1e3,
+                "tokens_per_s": ranks[0][log2_rows]["tokens"] / step,
+                "peak_rss_mib": max(r[log2_rows]["rss_mib"] for r in ranks),
+            }
+        )
     return out
 
 
@@ -158,8 +210,9 @@ def main(argv=None) -> dict:
     if sections & {"traffic", "step"}:
         worlds = [2] if sections == {"traffic"} else [1, 2, 4]
         tokens, lookups = (256, 32) if quick else (2048, 32)
-        table = run_traffic_and_step(args.backend, worlds, 1 << 16, 256, tokens, lookups,
-                                     warmup=1 if quick else 3, reps=2 if quick else 15)
+        table = run_traffic_and_step(
+            args.backend, worlds, 1 << 16, 256, tokens, lookups, warmup=1 if quick else 3, reps=2 if quick else 15
+        )
         rows_out += table
         multi = [r for r in table if r["world"] > 1]
         summary["traffic_ratio_min"] = min(r["ratio"] for r in multi)
@@ -174,9 +227,16 @@ def main(argv=None) -> dict:
         summary[f"scale_rss_mib_2^{big}"] = scale[1]["peak_rss_mib"]
         summary["scale_rss_mib_2^16"] = scale[0]["peak_rss_mib"]
     machine = machine_info()
-    write_table(args.out, NAME, rows_out, FIELDS, machine=machine, summary=summary,
-                title="Sharded lookups on local processes (gloo unless noted): bytes sent per token per memory "
-                      "layer against the formula, median step times, and a 2^16- vs 2^22-row table on 2 workers.")
+    write_table(
+        args.out,
+        NAME,
+        rows_out,
+        FIELDS,
+        machine=machine,
+        summary=summary,
+        title="Sharded lookups on local processes (gloo unless noted): bytes sent per token per memory "
+        "layer against the formula, median step times, and a 2^16- vs 2^22-row table on 2 workers.",
+    )
     summary["machine"] = machine
     print(json.dumps(summary))
     return summary

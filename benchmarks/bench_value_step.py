@@ -32,6 +32,7 @@ round by round. Medians are reported; ratios compare numbers of the same run.
     python benchmarks/bench_value_step.py --quick
     python benchmarks/bench_value_step.py --device cuda     # the GPU variant (torch + triton only)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,13 @@ def memory_needed(method: str, num_rows: int) -> int:
     """Bytes of [N, D] fp32 tensors a method holds at once: table, dense gradient, two moments,
     and for torch's default (unfused) AdamW one more [N, D] temporary inside its step."""
     table = num_rows * D * 4
-    return {"dense_adamw": 5 * table, "dense_adamw_fused": 4 * table, "torch_sparse_adam": 3 * table,
-            "memray_lazy_adam": 3 * table, "memray_lazy_adamw": 3 * table}.get(method, table)
+    return {
+        "dense_adamw": 5 * table,
+        "dense_adamw_fused": 4 * table,
+        "torch_sparse_adam": 3 * table,
+        "memray_lazy_adam": 3 * table,
+        "memray_lazy_adamw": 3 * table,
+    }.get(method, table)
 
 
 def memory_available() -> int:
@@ -104,7 +110,7 @@ def timed(fns: dict, reps: int, device: torch.device) -> dict[str, float]:
     times = {name: [] for name in fns}
     names = list(fns)
     for r in range(reps):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             synchronize(device)
             start = time.perf_counter()
             fns[name]()
@@ -124,11 +130,17 @@ class Step:
         offsets = torch.arange(indices.shape[0], dtype=torch.int64, device=indices.device) * indices.shape[1]
         if method.startswith("dense_adamw"):
             fused = method == "dense_adamw_fused"
-            self.optimizer = torch.optim.AdamW([self.table], lr=VALUE_LR, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
-            self.lookup = lambda w: F.embedding_bag(flat, self.table, offsets, mode="sum", per_sample_weights=w.reshape(-1))
+            self.optimizer = torch.optim.AdamW(
+                [self.table], lr=VALUE_LR, betas=(0.9, 0.95), weight_decay=0.1, fused=fused
+            )
+            self.lookup = lambda w: F.embedding_bag(
+                flat, self.table, offsets, mode="sum", per_sample_weights=w.reshape(-1)
+            )
         elif method == "torch_sparse_adam":
             self.optimizer = torch.optim.SparseAdam([self.table], lr=VALUE_LR, betas=(0.9, 0.95))
-            self.lookup = lambda w: F.embedding_bag(flat, self.table, offsets, mode="sum", per_sample_weights=w.reshape(-1), sparse=True)
+            self.lookup = lambda w: F.embedding_bag(
+                flat, self.table, offsets, mode="sum", per_sample_weights=w.reshape(-1), sparse=True
+            )
         else:
             self.optimizer = MEMRAY_OPTIMIZERS[method.removeprefix("memray_")](self.table)
             self.lookup = lambda w: embedding_bag(indices, w, self.table)
@@ -148,14 +160,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--log2-rows", type=int, nargs="+", help="table sizes 2^k")
     parser.add_argument("--methods", nargs="+", help="subset of methods to time")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU variant)")
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results"),
-                        help="results folder (default: $OUT, else benchmarks/results)")
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or str(HERE / "results"),
+        help="results folder (default: $OUT, else benchmarks/results)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     name = NAME if device.type == "cpu" else f"{NAME}_{device.type}"
     reps = args.reps or (3 if args.quick else 7)
     log2_rows = args.log2_rows or ([16, 20, 22] if args.quick else [16, 18, 20, 22])
-    methods = args.methods or ["dense_adamw", "dense_adamw_fused", "torch_sparse_adam"] + [f"memray_{n}" for n in MEMRAY_OPTIMIZERS]
+    methods = args.methods or ["dense_adamw", "dense_adamw_fused", "torch_sparse_adam"] + [
+        f"memray_{n}" for n in MEMRAY_OPTIMIZERS
+    ]
     gen = torch.Generator().manual_seed(0)
     info = machine_info(device)
     rows = []
@@ -171,7 +188,9 @@ def main(argv=None) -> dict:
         for method in methods:
             need = memory_needed(method, num_rows)
             if device.type == "cpu" and need > 0.85 * memory_available():
-                skipped.append(f"{method} at 2^{k}: needs {need / 2**30:.1f} GiB, {memory_available() / 2**30:.1f} GiB free")
+                skipped.append(
+                    f"{method} at 2^{k}: needs {need / 2**30:.1f} GiB, {memory_available() / 2**30:.1f} GiB free"
+                )
                 print(f"2^{k}: {method} skipped ({skipped[-1]})", file=sys.stderr, flush=True)
                 continue
             step = Step(method, num_rows, indices, weights, upstream)
@@ -183,11 +202,23 @@ def main(argv=None) -> dict:
             results.update(timed(fns, reps, device))
             del step, fns
             gc.collect()
-            print(f"2^{k}: " + ", ".join(f"{m} {results[m] * 1e3:.1f} ms" for m in results if m in (method, "copy_floor")),
-                  file=sys.stderr, flush=True)
+            print(
+                f"2^{k}: "
+                + ", ".join(f"{m} {results[m] * 1e3:.1f} ms" for m in results if m in (method, "copy_floor")),
+                file=sys.stderr,
+                flush=True,
+            )
         for method, seconds in results.items():
-            rows.append({"log2_rows": k, "method": method, "ms": seconds * 1e3, "unique_rows": unique,
-                         "touched_MB": nbytes / 1e6, "x_rowwise_adagrad": seconds / results.get("memray_rowwise_adagrad", float("nan"))})
+            rows.append(
+                {
+                    "log2_rows": k,
+                    "method": method,
+                    "ms": seconds * 1e3,
+                    "unique_rows": unique,
+                    "touched_MB": nbytes / 1e6,
+                    "x_rowwise_adagrad": seconds / results.get("memray_rowwise_adagrad", float("nan")),
+                }
+            )
     by = {(r["log2_rows"], r["method"]): r["ms"] for r in rows}
 
     def ratio(a, b):
@@ -220,9 +251,13 @@ def main(argv=None) -> dict:
         # time per byte the step must touch: flat when the step scales with its own traffic
         summary["floor_ratio_flatness_2p22_over_2p16"] = summary["floor_ratio_2p22"] / summary["floor_ratio_2p16"]
     write_table(
-        pathlib.Path(args.out), name, rows, ["log2_rows", "method", "ms", "x_rowwise_adagrad", "unique_rows", "touched_MB"],
+        pathlib.Path(args.out),
+        name,
+        rows,
+        ["log2_rows", "method", "ms", "x_rowwise_adagrad", "unique_rows", "touched_MB"],
         title=f"Value-table step on {device.type}, D = {D} fp32, {TOKENS} tokens x {BAG_LEN} lookups; medians of {reps}",
-        machine=info, summary=summary,
+        machine=info,
+        summary=summary,
     )
     print(json.dumps(summary))
     return summary

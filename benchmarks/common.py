@@ -1,4 +1,5 @@
 """What every benchmark shares: the machine's description and the CSV + Markdown result files."""
+
 from __future__ import annotations
 
 import csv
@@ -45,8 +46,13 @@ def machine_info(device: torch.device | None = None) -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_avg": os.getloadavg()[0]}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_avg": os.getloadavg()[0],
+    }
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -58,8 +64,16 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_table(out_dir: pathlib.Path, name: str, rows: list[dict], fields: list[str], *, title: str,
-                machine: dict, summary: dict | None = None) -> None:
+def write_table(
+    out_dir: pathlib.Path,
+    name: str,
+    rows: list[dict],
+    fields: list[str],
+    *,
+    title: str,
+    machine: dict,
+    summary: dict | None = None,
+) -> None:
     """``out_dir/name.csv`` (all fields) and ``out_dir/name.md`` (a table plus the machine)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{name}.csv", "w", newline="") as handle:
@@ -67,9 +81,16 @@ def write_table(out_dir: pathlib.Path, name: str, rows: list[dict], fields: list
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _fmt(row.get(k, "")) for k in fields})
-    lines = [f"# {name}", "", title, "",
-             "Machine: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in machine.items()), "",
-             "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    lines = [
+        f"# {name}",
+        "",
+        title,
+        "",
+        "Machine: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in machine.items()),
+        "",
+        "| " + " | ".join(fields) + " |",
+        "|" + "---|" * len(fields),
+    ]
     lines += ["| " + " | ".join(_fmt(row.get(k, "")) for k in fields) + " |" for row in rows]
     if summary:
         lines += ["", "Key figures:", ""]

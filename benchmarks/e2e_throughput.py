@@ -10,6 +10,7 @@ by rows). The memory layer's overhead is dense tokens/s / Memory+ tokens/s - 1.
     python benchmarks/e2e_throughput.py [--quick]          # 128² slots -> results/e2e_throughput.*
     python benchmarks/e2e_throughput.py --n-keys 256       # factual_recall.py's size -> e2e_throughput_256.*
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,15 +42,22 @@ def configs(n_keys: int, batch: int) -> dict:
         params = count_parameters(Transformer(reference.model))["total"]
     flops = flops_per_token(reference.model, 128)["total"]
     dense = [*BASE, *matched("dense", BASE, flops, params, 128)]
-    common = ["data.source=synthetic", "data.num_entities=400", "data.num_attributes=5", f"train.batch_size={batch}",
-              "train.steps=1000000"]
+    common = [
+        "data.source=synthetic",
+        "data.num_entities=400",
+        "data.num_attributes=5",
+        f"train.batch_size={batch}",
+        "train.steps=1000000",
+    ]
     return {"dense": [*dense, *common], "memory_plus": [*plus, *common]}
 
 
 def time_models(overrides: dict, blocks: int, block_steps: int, context=None, run_dir=None) -> dict:
     """Median seconds per step of each model, trained in alternating blocks in this process."""
-    trainers = {name: Trainer(load_run_config("demo", o), run_dir=f"{run_dir}/{name}", progress=False, context=context)
-                for name, o in overrides.items()}
+    trainers = {
+        name: Trainer(load_run_config("demo", o), run_dir=f"{run_dir}/{name}", progress=False, context=context)
+        for name, o in overrides.items()
+    }
     times = {name: [] for name in trainers}
     for trainer in trainers.values():  # warm-up: first steps build kernels and optimizer state
         for _ in range(3):
@@ -63,9 +71,15 @@ def time_models(overrides: dict, blocks: int, block_steps: int, context=None, ru
                 times[name].append(time.perf_counter() - start)
     first = next(iter(trainers.values())).config
     tokens = first.train.batch_size * first.data.seq_len
-    return {name: {"step_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t), "steps": len(t),
-                   "flops_per_token": flops_per_token(trainers[name].config.model, 128)["total"]}
-            for name, t in times.items()}
+    return {
+        name: {
+            "step_s": statistics.median(t),
+            "tokens_per_s": tokens / statistics.median(t),
+            "steps": len(t),
+            "flops_per_token": flops_per_token(trainers[name].config.model, 128)["total"],
+        }
+        for name, t in times.items()
+    }
 
 
 def _ranked(overrides, blocks, block_steps, run_dir):
@@ -95,18 +109,31 @@ def main() -> None:
     for setting, result in (("1 process", single), ("2 ranks", two)):
         for name, r in result.items():
             rows.append({"setting": setting, "model": name, **r})
-    ratio = {s: r["memory_plus"]["tokens_per_s"] / r["dense"]["tokens_per_s"] for s, r in (("1 process", single),
-                                                                                           ("2 ranks", two))}
+    ratio = {
+        s: r["memory_plus"]["tokens_per_s"] / r["dense"]["tokens_per_s"]
+        for s, r in (("1 process", single), ("2 ranks", two))
+    }
     for row in rows:
         row["x_dense"] = ratio[row["setting"]] if row["model"] == "memory_plus" else 1.0
     name = NAME if args.n_keys == 128 else f"{NAME}_{args.n_keys}"  # 128: the default, the README's figure
-    write_table(pathlib.Path(args.out), name, rows,
-                ["setting", "model", "flops_per_token", "step_s", "tokens_per_s", "x_dense", "steps"],
-                title=f"Training tokens/s at equal FLOPs per token (Memory+ {args.n_keys}² slots, batch 32 x 128 "
-                      f"tokens; medians of alternating blocks{', quick' if args.quick else ''})",
-                machine=machine_info())
-    print(json.dumps({"benchmark": NAME, "memory_plus_over_dense": ratio,
-                      "memory_overhead_percent": {s: 100 * (1 / r - 1) for s, r in ratio.items()}}))
+    write_table(
+        pathlib.Path(args.out),
+        name,
+        rows,
+        ["setting", "model", "flops_per_token", "step_s", "tokens_per_s", "x_dense", "steps"],
+        title=f"Training tokens/s at equal FLOPs per token (Memory+ {args.n_keys}² slots, batch 32 x 128 "
+        f"tokens; medians of alternating blocks{', quick' if args.quick else ''})",
+        machine=machine_info(),
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": NAME,
+                "memory_plus_over_dense": ratio,
+                "memory_overhead_percent": {s: 100 * (1 / r - 1) for s, r in ratio.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

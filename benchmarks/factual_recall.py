@@ -27,6 +27,7 @@ line printed is JSON with every figure.
     python benchmarks/factual_recall.py --facts F.jsonl   # a given facts file (no paraphrases)
     python benchmarks/factual_recall.py --entities 2500 --filler 5000 --steps 1000   # the 20,000-fact budget
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,19 +57,67 @@ MODELS = ("dense", "memory", "memory_plus", "memory_plus_shared", "moe")
 # of guessing each attribute's commonest value: 20,000 facts at 4M tokens (about 6 passes) left
 # every model at that floor, so the budgets below ask fewer facts, each seen about 20 times.
 SETTINGS = {
-    "quick": {"entities": 100, "attributes": 8, "filler": 20, "steps": 260, "batch": 16, "n_keys": 64,
-              "eval_sample": 400, "points": 3, "sweep": (32, 64)},
-    "full": {"entities": 500, "attributes": 8, "filler": 250, "steps": 800, "batch": 32, "n_keys": 256,
-             "eval_sample": 1000, "points": 4, "sweep": (32, 64, 128, 256, 512)},
+    "quick": {
+        "entities": 100,
+        "attributes": 8,
+        "filler": 20,
+        "steps": 260,
+        "batch": 16,
+        "n_keys": 64,
+        "eval_sample": 400,
+        "points": 3,
+        "sweep": (32, 64),
+    },
+    "full": {
+        "entities": 500,
+        "attributes": 8,
+        "filler": 250,
+        "steps": 800,
+        "batch": 32,
+        "n_keys": 256,
+        "eval_sample": 1000,
+        "points": 4,
+        "sweep": (32, 64, 128, 256, 512),
+    },
 }
 BASE = [
-    "model.dim=128", "model.n_layers=4", "model.n_heads=4", "model.max_seq_len=128", "data.seq_len=128",
-    "model.memory.heads=4", "model.memory.knn=16", "model.memory.k_dim=128", "model.memory.value_lr=0.05",
-    "optim.lr=0.005", "optim.warmup_steps=20", "optim.value_optimizer=lazy_adam", "train.log_every=1000000",
+    "model.dim=128",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.max_seq_len=128",
+    "data.seq_len=128",
+    "model.memory.heads=4",
+    "model.memory.knn=16",
+    "model.memory.k_dim=128",
+    "model.memory.value_lr=0.05",
+    "optim.lr=0.005",
+    "optim.warmup_steps=20",
+    "optim.value_optimizer=lazy_adam",
+    "train.log_every=1000000",
 ]
 
-_NOUNS = ("river", "garden", "window", "market", "letter", "mountain", "kitchen", "village", "engine", "forest",
-          "library", "harbor", "bridge", "lantern", "meadow", "tower", "carpet", "island", "station", "orchard")
+_NOUNS = (
+    "river",
+    "garden",
+    "window",
+    "market",
+    "letter",
+    "mountain",
+    "kitchen",
+    "village",
+    "engine",
+    "forest",
+    "library",
+    "harbor",
+    "bridge",
+    "lantern",
+    "meadow",
+    "tower",
+    "carpet",
+    "island",
+    "station",
+    "orchard",
+)
 _ADJECTIVES = ("quiet", "old", "small", "bright", "narrow", "distant", "wooden", "green", "cold", "busy", "empty")
 _VERBS = ("follows", "faces", "crosses", "hides", "reaches", "passes", "guards", "joins", "circles", "overlooks")
 _PLACES = ("near", "behind", "beyond", "under", "beside", "above")
@@ -83,8 +132,10 @@ def filler(count: int, seed: int) -> list[str]:
 
     out = []
     for _ in range(count):
-        sentences = [f"{phrase()} {rng.choice(_VERBS)} {phrase()} {rng.choice(_PLACES)} {phrase()}."
-                     for _ in range(rng.randint(2, 4))]
+        sentences = [
+            f"{phrase()} {rng.choice(_VERBS)} {phrase()} {rng.choice(_PLACES)} {phrase()}."
+            for _ in range(rng.randint(2, 4))
+        ]
         out.append(" ".join(s.capitalize() for s in sentences))
     return out
 
@@ -146,8 +197,9 @@ def heldout_loss(model, documents, seq_len: int, pad_id: int) -> float:
     for _ in range(batches.batches_per_epoch):
         inputs, targets = batches.next()
         logits = model(inputs)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                                 reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         total += float(loss)
         count += int((targets != IGNORE_INDEX).sum())
     model.train(was)
@@ -179,8 +231,17 @@ def prior_recall(facts, asked) -> float:
 
 
 def train_and_measure(name, overrides, corpus, facts, paraphrased, heldout, s, points, workdir):
-    config = load_run_config("demo", [*BASE, *overrides, "data.source=text", f"data.path={corpus}",
-                                      f"train.steps={s['steps']}", f"train.batch_size={s['batch']}"])
+    config = load_run_config(
+        "demo",
+        [
+            *BASE,
+            *overrides,
+            "data.source=text",
+            f"data.path={corpus}",
+            f"train.steps={s['steps']}",
+            f"train.batch_size={s['batch']}",
+        ],
+    )
     trainer = Trainer(config, run_dir=workdir / name, progress=False)
     counts = count_parameters(trainer.model)
     curve, seconds, tokens = [], 0.0, 0
@@ -196,11 +257,16 @@ def train_and_measure(name, overrides, corpus, facts, paraphrased, heldout, s, p
             curve.append(point)
             print(f"  {name} step {trainer.step}: recall {curve[-1]['recall']:.3f}", flush=True)
     row = {
-        "model": name, "params_total": counts["total"], "params_memory": counts["memory"],
-        "flops_per_token": flops_per_token(config.model, config.data.seq_len)["total"], "tokens": tokens,
-        "recall": curve[-1]["recall"], "recall_paraphrase": recall(trainer.model, paraphrased) if paraphrased else None,
+        "model": name,
+        "params_total": counts["total"],
+        "params_memory": counts["memory"],
+        "flops_per_token": flops_per_token(config.model, config.data.seq_len)["total"],
+        "tokens": tokens,
+        "recall": curve[-1]["recall"],
+        "recall_paraphrase": recall(trainer.model, paraphrased) if paraphrased else None,
         "heldout_loss": heldout_loss(trainer.model, heldout, config.data.seq_len, trainer.tokenizer.pad_id),
-        "tokens_per_s": tokens / seconds, "n_keys": config.model.memory.n_keys if config.model.memory_layers else None,
+        "tokens_per_s": tokens / seconds,
+        "n_keys": config.model.memory.n_keys if config.model.memory_layers else None,
     }
     return row, curve
 
@@ -215,13 +281,19 @@ def main() -> None:
     parser.add_argument("--entities", type=int, help="override the number of invented people (8 facts each)")
     parser.add_argument("--filler", type=int, help="override the number of filler paragraphs")
     parser.add_argument("--batch", type=int, help="override the batch size (sequences of 128 tokens)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override applied to every model (repeatable), e.g. model.memory.value_lr=0.05")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override applied to every model (repeatable), e.g. model.memory.value_lr=0.05",
+    )
     parser.add_argument("--eval-sample", type=int, help="override the number of facts asked")
     parser.add_argument("--points", type=int, help="override the number of recall measurements during training")
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--name", help=f"file name stem of the results (CSV, Markdown, PNGs); default {NAME}, "
-                                       f"{NAME}_quick with --quick")
+    parser.add_argument(
+        "--name", help=f"file name stem of the results (CSV, Markdown, PNGs); default {NAME}, {NAME}_quick with --quick"
+    )
     args = parser.parse_args()
     s = dict(SETTINGS["quick" if args.quick else "full"])
     args.name = args.name or (f"{NAME}_quick" if args.quick else NAME)
@@ -257,8 +329,9 @@ def main() -> None:
             overrides = [*args.set, *model_overrides(name, s["n_keys"])]
             overrides += matched(name, [*BASE, *overrides], target_flops, target_params, 128)
             print(f"{name}: {' '.join(overrides) or 'base'}", flush=True)
-            row, curve = train_and_measure(name, overrides, corpus, eval_facts, eval_paraphrased, heldout, s, points,
-                                           workdir)
+            row, curve = train_and_measure(
+                name, overrides, corpus, eval_facts, eval_paraphrased, heldout, s, points, workdir
+            )
             rows.append(row)
             curves += curve
             print(json.dumps(row), flush=True)
@@ -266,22 +339,41 @@ def main() -> None:
         if args.sweep:
             for n_keys in s["sweep"]:
                 overrides = [*args.set, *model_overrides("memory_plus", n_keys)]
-                row, _ = train_and_measure(f"memory_plus_{n_keys}", overrides, corpus, eval_facts, None, heldout, s,
-                                           {s["steps"]}, workdir)
+                row, _ = train_and_measure(
+                    f"memory_plus_{n_keys}", overrides, corpus, eval_facts, None, heldout, s, {s["steps"]}, workdir
+                )
                 sizes.append(row)
                 print(json.dumps(row), flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["model", "n_keys", "params_total", "params_memory", "flops_per_token", "tokens", "recall",
-              "recall_paraphrase", "heldout_loss", "tokens_per_s"]
-    write_table(out, args.name, rows + sizes, fields,
-                title=f"Factual recall at equal tokens ({len(facts):,} facts, {s['steps']} steps x {s['batch']} x 128 "
-                      f"tokens{', quick' if args.quick else ''})", machine=machine_info())
+    fields = [
+        "model",
+        "n_keys",
+        "params_total",
+        "params_memory",
+        "flops_per_token",
+        "tokens",
+        "recall",
+        "recall_paraphrase",
+        "heldout_loss",
+        "tokens_per_s",
+    ]
+    write_table(
+        out,
+        args.name,
+        rows + sizes,
+        fields,
+        title=f"Factual recall at equal tokens ({len(facts):,} facts, {s['steps']} steps x {s['batch']} x 128 "
+        f"tokens{', quick' if args.quick else ''})",
+        machine=machine_info(),
+    )
     prior = prior_recall(facts, eval_facts)
     by = {r["model"]: r for r in rows}
     plot(out, args.name, curves, sizes, prior, by.get("dense"))
     summary = {
-        "benchmark": NAME, "facts": len(facts), "tokens": rows[0]["tokens"] if rows else 0,
+        "benchmark": NAME,
+        "facts": len(facts),
+        "tokens": rows[0]["tokens"] if rows else 0,
         "recall": {m: by[m]["recall"] for m in by},
         "recall_paraphrase": {m: by[m]["recall_paraphrase"] for m in by},
         "heldout_loss": {m: by[m]["heldout_loss"] for m in by},
@@ -295,8 +387,7 @@ def main() -> None:
     print(json.dumps(summary))
 
 
-def plot(out: pathlib.Path, name: str, curves: list[dict], sizes: list[dict], prior: float,
-         dense: dict | None) -> None:
+def plot(out: pathlib.Path, name: str, curves: list[dict], sizes: list[dict], prior: float, dense: dict | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,15 +408,22 @@ def plot(out: pathlib.Path, name: str, curves: list[dict], sizes: list[dict], pr
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["params_memory"] / 1e6 for r in sizes], [r["recall"] for r in sizes], marker="o")
         for r in sizes:
-            ax.annotate(f"{r['n_keys']}², {r['flops_per_token'] / 1e6:.2f}M", (r["params_memory"] / 1e6, r["recall"]),
-                        fontsize=8)
+            ax.annotate(
+                f"{r['n_keys']}², {r['flops_per_token'] / 1e6:.2f}M",
+                (r["params_memory"] / 1e6, r["recall"]),
+                fontsize=8,
+            )
         if dense is not None:
             flops = dense["flops_per_token"] / 1e6
             ax.axhline(dense["recall"], color="black", label=f"dense, {flops:.2f}M FLOPs/token")
         ax.axhline(prior, color="grey", linestyle="--", label="commonest answer (no memory)")
         ax.legend()
-        ax.set(xscale="log", xlabel="memory parameters (millions)", ylabel="exact-match recall",
-               title="Memory+ recall vs memory size (labels: slots, FLOPs/token)")
+        ax.set(
+            xscale="log",
+            xlabel="memory parameters (millions)",
+            ylabel="exact-match recall",
+            title="Memory+ recall vs memory size (labels: slots, FLOPs/token)",
+        )
         fig.tight_layout()
         fig.savefig(out / f"{name}_sizes.png", dpi=100)
         plt.close(fig)

@@ -24,6 +24,7 @@ line printed is JSON with the key figures and ratios.
     python benchmarks/gpu_lookup.py --quick
     python benchmarks/gpu_lookup.py --device cpu --backend cpp --smoke   # the plumbing, on CPU
 """
+
 import argparse
 import csv
 import json
@@ -71,6 +72,7 @@ def check_cases(smoke=False):
     Each builder takes a generator and returns ``(indices, offsets)`` on CPU; offsets None means
     the fixed [B, L] form.
     """
+
     def fixed(num_rows, bags, bag_len):
         return lambda g: (torch.randint(0, num_rows, (bags, bag_len), generator=g), None)
 
@@ -110,8 +112,11 @@ def run_checks(K, device, backend, smoke=False):
             indices, lengths = build(gen)
             offsets = None if lengths is None else _csr_offsets(lengths, device)
             indices = indices.to(device)
-            for table_dtype, weight_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                              (torch.bfloat16, torch.bfloat16)):
+            for table_dtype, weight_dtype in (
+                (torch.float32, torch.float32),
+                (torch.bfloat16, torch.float32),
+                (torch.bfloat16, torch.bfloat16),
+            ):
                 table = torch.randn(num_rows, dim, generator=gen).to(device=device, dtype=table_dtype)
                 weights = torch.randn(indices.shape, generator=gen).to(device=device, dtype=weight_dtype)
                 w = weights.clone().requires_grad_()
@@ -128,17 +133,27 @@ def run_checks(K, device, backend, smoke=False):
                 tol_dtype = torch.bfloat16 if torch.bfloat16 in (table_dtype, weight_dtype) else torch.float32
                 touched = torch.unique(indices.reshape(-1))
                 errors = dict(
-                    out=_max_err(out, ref), grad_weights=_max_err(grad_w, ref_gw),
+                    out=_max_err(out, ref),
+                    grad_weights=_max_err(grad_w, ref_gw),
                     grad_table=_max_err(grad_t.to_dense(), ref_gt),
                 )
                 ok = (
-                    _close(out, ref, tol_dtype) and _close(grad_w, ref_gw, tol_dtype)
+                    _close(out, ref, tol_dtype)
+                    and _close(grad_w, ref_gw, tol_dtype)
                     and _close(grad_t.to_dense(), ref_gt, tol_dtype)
-                    and grad_t.is_sparse and torch.equal(grad_t._indices()[0], touched)
+                    and grad_t.is_sparse
+                    and torch.equal(grad_t._indices()[0], touched)
                     and not any(bool(torch.isnan(x).any()) for x in (out, grad_w, grad_t._values()))
                 )
-                rows.append(dict(case=name, table_dtype=str(table_dtype).removeprefix("torch."),
-                                 weight_dtype=str(weight_dtype).removeprefix("torch."), ok=ok, **errors))
+                rows.append(
+                    dict(
+                        case=name,
+                        table_dtype=str(table_dtype).removeprefix("torch."),
+                        weight_dtype=str(weight_dtype).removeprefix("torch."),
+                        ok=ok,
+                        **errors,
+                    )
+                )
     finally:
         alloc.empty = original_empty
     return rows
@@ -253,15 +268,26 @@ def run_timings(K, device, backend, reps, log2_rows_list, tokens_list, dtypes, c
                     methods["F.embedding_bag dense"] = _torch_fns(False, indices, weights, table, grad_out)
                 fwd_b = forward_bytes(nnz, bags, elem)
                 bwd_b = backward_bytes(nnz, bags, num_unique, elem)
-                for p, (pass_, nbytes) in enumerate((("forward", fwd_b), ("backward", bwd_b),
-                                                     ("forward+backward", fwd_b + bwd_b))):
+                for p, (pass_, nbytes) in enumerate(
+                    (("forward", fwd_b), ("backward", bwd_b), ("forward+backward", fwd_b + bwd_b))
+                ):
                     fns = {name: fns3[p] for name, fns3 in methods.items()}
                     if pass_ == "forward":
                         fns.pop("F.embedding_bag dense", None)
                     for name, t in interleaved_medians(fns, reps, sync).items():
-                        rows.append(dict(log2_rows=log2_rows, tokens=bags, dtype=str(dtype).removeprefix("torch."),
-                                         method=name, pass_=pass_, ms=t * 1e3, bytes=nbytes, gbps=nbytes / t / 1e9,
-                                         x_copy_floor=t / (nbytes / copy_bps)))
+                        rows.append(
+                            dict(
+                                log2_rows=log2_rows,
+                                tokens=bags,
+                                dtype=str(dtype).removeprefix("torch."),
+                                method=name,
+                                pass_=pass_,
+                                ms=t * 1e3,
+                                bytes=nbytes,
+                                gbps=nbytes / t / 1e9,
+                                x_copy_floor=t / (nbytes / copy_bps),
+                            )
+                        )
                 del methods, fns
             del table
     return copy_bps, rows
@@ -288,8 +314,12 @@ def summarize(check_rows, copy_bps, rows, backend):
             if o is not None:
                 entry[f"{pass_}_speedup_vs_{other.split()[-1]}"] = round(o["ms"] / r["ms"], 2)
     return dict(
-        benchmark=NAME, backend=backend, checks_passed=sum(r["ok"] for r in check_rows),
-        checks_total=len(check_rows), copy_GBps=round(copy_bps / 1e9, 1) if copy_bps else None, shapes=shapes,
+        benchmark=NAME,
+        backend=backend,
+        checks_passed=sum(r["ok"] for r in check_rows),
+        checks_total=len(check_rows),
+        copy_GBps=round(copy_bps / 1e9, 1) if copy_bps else None,
+        shapes=shapes,
     )
 
 
@@ -302,18 +332,31 @@ def write_results(out_dir, device_name, check_rows, rows, summary):
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
-    lines = [f"# {NAME}", "", f"Device: {device_name}. Copy bandwidth {summary['copy_GBps']} GB/s (read + write).",
-             "", f"Checks: {summary['checks_passed']} / {summary['checks_total']} passed.", "",
-             "| case | table | weights | ok | max err out | max err grad w | max err grad table |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = [
+        f"# {NAME}",
+        "",
+        f"Device: {device_name}. Copy bandwidth {summary['copy_GBps']} GB/s (read + write).",
+        "",
+        f"Checks: {summary['checks_passed']} / {summary['checks_total']} passed.",
+        "",
+        "| case | table | weights | ok | max err out | max err grad w | max err grad table |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
     for r in check_rows:
-        lines.append(f"| {r['case']} | {r['table_dtype']} | {r['weight_dtype']} | {'yes' if r['ok'] else 'NO'} | "
-                     f"{r['out']:.2e} | {r['grad_weights']:.2e} | {r['grad_table']:.2e} |")
-    lines += ["", "| N | tokens | dtype | method | pass | ms | GB/s | x copy floor |",
-              "|---|---:|---|---|---|---:|---:|---:|"]
+        lines.append(
+            f"| {r['case']} | {r['table_dtype']} | {r['weight_dtype']} | {'yes' if r['ok'] else 'NO'} | "
+            f"{r['out']:.2e} | {r['grad_weights']:.2e} | {r['grad_table']:.2e} |"
+        )
+    lines += [
+        "",
+        "| N | tokens | dtype | method | pass | ms | GB/s | x copy floor |",
+        "|---|---:|---|---|---|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| 2^{r['log2_rows']} | {r['tokens']} | {r['dtype']} | {r['method']} | {r['pass_']} | "
-                     f"{r['ms']:.3f} | {r['gbps']:.1f} | {r['x_copy_floor']:.2f} |")
+        lines.append(
+            f"| 2^{r['log2_rows']} | {r['tokens']} | {r['dtype']} | {r['method']} | {r['pass_']} | "
+            f"{r['ms']:.3f} | {r['gbps']:.1f} | {r['x_copy_floor']:.2f} |"
+        )
     (out_dir / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -328,8 +371,9 @@ def main(argv=None):
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_lookup: no CUDA device (use --device cpu --backend cpp --smoke to run the plumbing)",
-              file=sys.stderr)
+        print(
+            "gpu_lookup: no CUDA device (use --device cpu --backend cpp --smoke to run the plumbing)", file=sys.stderr
+        )
         return 2
     K = import_kernels()
     out_dir = args.out or os.environ.get("OUT") or (REPO / "benchmarks" / "results")
@@ -337,8 +381,11 @@ def main(argv=None):
 
     check_rows = run_checks(K, device, args.backend, smoke=args.smoke)
     for r in check_rows:
-        print(f"check {'ok ' if r['ok'] else 'BAD'} {r['case']:42s} {r['table_dtype']:8s} {r['weight_dtype']:8s} "
-              f"out {r['out']:.1e} gw {r['grad_weights']:.1e} gt {r['grad_table']:.1e}", flush=True)
+        print(
+            f"check {'ok ' if r['ok'] else 'BAD'} {r['case']:42s} {r['table_dtype']:8s} {r['weight_dtype']:8s} "
+            f"out {r['out']:.1e} gw {r['grad_weights']:.1e} gt {r['grad_table']:.1e}",
+            flush=True,
+        )
 
     copy_bytes = COPY_BYTES
     if args.smoke:
@@ -350,8 +397,11 @@ def main(argv=None):
         reps, log2_rows, tokens, dtypes = 20, list(LOG2_ROWS), list(TOKENS), [torch.float32, torch.bfloat16]
     copy_bps, rows = run_timings(K, device, args.backend, reps, log2_rows, tokens, dtypes, copy_bytes)
     for r in rows:
-        print(f"N=2^{r['log2_rows']:<2d} {r['tokens']:6d} tok {r['dtype']:8s} {r['pass_']:16s} {r['method']:24s} "
-              f"{r['ms']:9.3f} ms {r['gbps']:8.1f} GB/s {r['x_copy_floor']:6.2f}x copy floor", flush=True)
+        print(
+            f"N=2^{r['log2_rows']:<2d} {r['tokens']:6d} tok {r['dtype']:8s} {r['pass_']:16s} {r['method']:24s} "
+            f"{r['ms']:9.3f} ms {r['gbps']:8.1f} GB/s {r['x_copy_floor']:6.2f}x copy floor",
+            flush=True,
+        )
     summary = summarize(check_rows, copy_bps, rows, args.backend)
     summary["device"] = device_name
     write_results(out_dir, device_name, check_rows, rows, summary)

@@ -1,4 +1,5 @@
 """Exact-match recall of a checkpoint on a facts file: ``python evaluate.py CKPT --facts F [--json]``."""
+
 import sys
 
 from memray.cli import main

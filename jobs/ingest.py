@@ -1,5 +1,6 @@
 """Tokenize text, JSON lines and Parquet into Arrow shards with one Ray task per source file, on
 the cluster this job runs on: ``python ingest.py SRC... --out DIR [memray ingest options]``."""
+
 import sys
 
 from memray.cli import main

@@ -1,5 +1,6 @@
 """Reshard a checkpoint offline for another world size or layout:
 ``python reshard.py CKPT --out DIR --world-size N [--layout row|column]``."""
+
 import sys
 
 from memray.cli import main

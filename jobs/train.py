@@ -3,6 +3,7 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/train.py tiny --workers 2 --run-dir /shared/runs/tiny
 """
+
 import sys
 
 from memray.cli import main

@@ -7,9 +7,17 @@ were read, so it is returned as a coalesced sparse tensor instead of a dense ``[
 This package imports only torch (and triton, lazily, when the Triton backend runs), so it can
 be used and tested without the rest of ``memray``.
 """
+
 from .embedding_bag import bag_backward, bag_forward, embedding_bag
 from .reference import embedding_bag_reference
 from .row_update import lazy_adam_, rowwise_adagrad_, sgd_
 
-__all__ = ["embedding_bag", "embedding_bag_reference", "bag_forward", "bag_backward", "lazy_adam_",
-           "rowwise_adagrad_", "sgd_"]
+__all__ = [
+    "embedding_bag",
+    "embedding_bag_reference",
+    "bag_forward",
+    "bag_backward",
+    "lazy_adam_",
+    "rowwise_adagrad_",
+    "sgd_",
+]

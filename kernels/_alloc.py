@@ -10,6 +10,7 @@ and first-touch page faults on 4 KiB pages cost more than the kernel that fills 
 therefore advised to the kernel as transparent-huge-page candidates before their first touch;
 where THP is unavailable the advice is a no-op.
 """
+
 import ctypes
 import math
 import sys
@@ -45,7 +46,7 @@ def _empty_huge_pages(shape, dtype, nbytes):
     start = (-raw.data_ptr()) % _HUGE_PAGE
     length = (nbytes + _HUGE_PAGE - start) // _HUGE_PAGE * _HUGE_PAGE
     _get_madvise()(raw.data_ptr() + start, length, _MADV_HUGEPAGE)  # advice only: failure changes nothing
-    return raw[start:start + nbytes].view(dtype).view(shape)
+    return raw[start : start + nbytes].view(dtype).view(shape)
 
 
 def empty(*shape, dtype, device):

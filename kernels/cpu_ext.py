@@ -6,6 +6,7 @@ torch's default extension cache, and registers ``torch.ops.memray_cpu_bag``. Any
 stops the build (no compiler, no ninja, a read-only cache, ``MEMRAY_CPU_EXT=0``) leaves the
 pure-torch backend in charge: :func:`load` then returns ``None`` and :data:`load_error` says why.
 """
+
 import os
 import pathlib
 import threading

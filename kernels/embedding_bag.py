@@ -11,6 +11,7 @@
 ``"auto"`` picks triton for CUDA tables when triton is installed, and on CPU the C++ kernels
 when they build, else torch. Triton is imported only when that backend is used.
 """
+
 import importlib.util
 import os
 
@@ -130,9 +131,7 @@ def _bag_ids(offsets, nnz):
     """Bag number of each entry; ``output_size`` avoids a device sync."""
     num_bags = offsets.numel() - 1
     lengths = offsets[1:] - offsets[:-1]
-    return torch.repeat_interleave(
-        torch.arange(num_bags, device=offsets.device), lengths, output_size=nnz
-    )
+    return torch.repeat_interleave(torch.arange(num_bags, device=offsets.device), lengths, output_size=nnz)
 
 
 def _row_major(x):
@@ -184,7 +183,11 @@ def _forward_triton(indices, weights, table, offsets):
     num_bags, D = offsets.numel() - 1, table.shape[1]
     out = _alloc.empty(num_bags, D, dtype=out_dtype, device=table.device)
     triton_bag.bag_sum(
-        indices.contiguous(), weights.contiguous(), _row_major(table), offsets.contiguous(), out,
+        indices.contiguous(),
+        weights.contiguous(),
+        _row_major(table),
+        offsets.contiguous(),
+        out,
         _acc_dtype(table.dtype, weights.dtype),
     )
     return out
@@ -229,9 +232,11 @@ def _backward_torch(grad_out, indices, weights, table, offsets, need_w, need_t):
         if table.dtype == acc:
             # torch's own fused per-entry dot (the backward of F.embedding_bag's weights):
             # no [nnz, D] temporaries.
-            grad_weights.copy_(torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_out, table, indices.contiguous(), offsets[:-1], bag_ids, 0, -1
-            ))
+            grad_weights.copy_(
+                torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    grad_out, table, indices.contiguous(), offsets[:-1], bag_ids, 0, -1
+                )
+            )
         else:
             for s in _chunks(nnz, D):
                 grad_weights[s] = torch.linalg.vecdot(table[indices[s]].to(acc), grad_out[bag_ids[s]])
@@ -240,7 +245,11 @@ def _backward_torch(grad_out, indices, weights, table, offsets, need_w, need_t):
         # grouped by row this is itself a weighted bag sum, over grad_out rows.
         order, unique_rows, seg = _row_segments(indices)
         acc_rows = F.embedding_bag(
-            bag_ids[order], grad_out, seg, mode="sum", per_sample_weights=weights[order].to(acc),
+            bag_ids[order],
+            grad_out,
+            seg,
+            mode="sum",
+            per_sample_weights=weights[order].to(acc),
             include_last_offset=True,
         )
         row_grads = _cast_into_output(acc_rows, table.dtype)
@@ -258,8 +267,15 @@ def _backward_cpp(grad_out, indices, weights, table, offsets, need_w, need_t):
     grad_weights = _alloc.empty(nnz, dtype=acc, device=weights.device) if need_w else None
     row_grads = _alloc.empty(unique_rows.numel(), D, dtype=table.dtype, device=table.device) if need_t else None
     ops.bag_backward(
-        _row_major(grad_out.to(acc)), bag_ids, weights.to(acc).contiguous(), _row_major(table),
-        order, seg, unique_rows, grad_weights, row_grads,
+        _row_major(grad_out.to(acc)),
+        bag_ids,
+        weights.to(acc).contiguous(),
+        _row_major(table),
+        order,
+        seg,
+        unique_rows,
+        grad_weights,
+        row_grads,
     )
     if need_w:
         grad_weights = _cast_into_output(grad_weights, weights.dtype)
@@ -310,8 +326,9 @@ def bag_forward(indices, weights, table, offsets, backend="auto"):
     return _forward(indices, weights, table, offsets, _resolve_backend(backend, table))
 
 
-def bag_backward(grad_out, indices, weights, table, offsets, backend="auto", *,
-                 need_weights_grad=True, need_table_grad=True):
+def bag_backward(
+    grad_out, indices, weights, table, offsets, backend="auto", *, need_weights_grad=True, need_table_grad=True
+):
     """Gradients of :func:`bag_forward`, without autograd.
 
     Returns ``(grad_weights [nnz], unique_rows [U], row_grads [U, D])``: ``unique_rows`` are the
@@ -323,7 +340,9 @@ def bag_backward(grad_out, indices, weights, table, offsets, backend="auto", *,
     if grad_out.shape != (num_bags, D):
         raise ValueError(f"grad_out must be [{num_bags}, {D}], got {tuple(grad_out.shape)}")
     if grad_out.dtype not in _FLOAT_DTYPES or grad_out.device != table.device:
-        raise ValueError(f"grad_out must be a float tensor on {table.device}, got {grad_out.dtype} on {grad_out.device}")
+        raise ValueError(
+            f"grad_out must be a float tensor on {table.device}, got {grad_out.dtype} on {grad_out.device}"
+        )
     backend = _resolve_backend(backend, table)
     return _backward(grad_out, indices, weights, table, offsets, backend, need_weights_grad, need_table_grad)
 

@@ -3,6 +3,7 @@
 Deliberately the most obvious formulation (gather rows, scale, scatter-add into bags) so the
 fast backends can be checked against it; ordinary autograd differentiates it (dense grads).
 """
+
 import torch
 
 

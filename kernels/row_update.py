@@ -5,6 +5,7 @@ temporaries; the fused kernels update each touched row in one visit. Each functi
 ``False`` when no fused kernel serves its inputs (device, dtype, layout, no compiled
 extension), and the caller then runs its torch-op version of the same rule.
 """
+
 import torch
 
 from . import cpu_ext
@@ -16,9 +17,15 @@ def _rows_contiguous(t: torch.Tensor) -> bool:
 
 def _fused_ops(table, rows, row_grads):
     """The extension's ops when they serve these inputs, else ``None``."""
-    if not (table.device.type == "cpu" and table.dtype in (torch.float32, torch.bfloat16)
-            and row_grads.dtype == torch.float32 and _rows_contiguous(table) and _rows_contiguous(row_grads)
-            and rows.dtype == torch.int64 and rows.is_contiguous()):
+    if not (
+        table.device.type == "cpu"
+        and table.dtype in (torch.float32, torch.bfloat16)
+        and row_grads.dtype == torch.float32
+        and _rows_contiguous(table)
+        and _rows_contiguous(row_grads)
+        and rows.dtype == torch.int64
+        and rows.is_contiguous()
+    ):
         return None
     return cpu_ext.load()
 
@@ -37,8 +44,19 @@ def rowwise_adagrad_(table, sum_sq, rows, row_grads, lr: float, eps: float, weig
     return True
 
 
-def lazy_adam_(table, exp_avg, exp_avg_sq, row_step, rows, row_grads, lr: float, betas, eps: float,
-               weight_decay: float = 0.0, decoupled: bool = False) -> bool:
+def lazy_adam_(
+    table,
+    exp_avg,
+    exp_avg_sq,
+    row_step,
+    rows,
+    row_grads,
+    lr: float,
+    betas,
+    eps: float,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+) -> bool:
     """Adam on ``rows`` (unique, increasing) with a per-row step count ``row_step`` [N] int32, in
     place; L2 (``decoupled=False``) or decoupled weight decay of those rows.
 
@@ -46,13 +64,31 @@ def lazy_adam_(table, exp_avg, exp_avg_sq, row_step, rows, row_grads, lr: float,
     ``w -= lr * sqrt(1 - b2**t) / (1 - b1**t) * m / (sqrt(v) + eps * sqrt(1 - b2**t))``.
     """
     ops = _fused_ops(table, rows, row_grads)
-    if (ops is None or exp_avg.dtype not in (torch.float32, torch.bfloat16) or exp_avg_sq.dtype != exp_avg.dtype
-            or not exp_avg.is_contiguous() or not exp_avg_sq.is_contiguous()
-            or row_step.dtype != torch.int32 or not row_step.is_contiguous()):
+    if (
+        ops is None
+        or exp_avg.dtype not in (torch.float32, torch.bfloat16)
+        or exp_avg_sq.dtype != exp_avg.dtype
+        or not exp_avg.is_contiguous()
+        or not exp_avg_sq.is_contiguous()
+        or row_step.dtype != torch.int32
+        or not row_step.is_contiguous()
+    ):
         return False
     beta1, beta2 = betas
-    ops.lazy_adam(table, exp_avg, exp_avg_sq, row_step, rows, row_grads, float(lr), float(beta1), float(beta2),
-                  float(eps), float(weight_decay), bool(decoupled))
+    ops.lazy_adam(
+        table,
+        exp_avg,
+        exp_avg_sq,
+        row_step,
+        rows,
+        row_grads,
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bool(decoupled),
+    )
     return True
 
 

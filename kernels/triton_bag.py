@@ -13,6 +13,7 @@ Accumulation is in ``ACC`` (float32, or float64 for float64 inputs). Row numbers
 int64 before multiplying by a row stride, so tables with more than 2**31 elements are
 addressed correctly. Launchers expect caller-allocated outputs and row-contiguous 2-D operands.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -125,9 +126,17 @@ def bag_sum(indices, weights, src, offsets, out, acc_dtype):
     BD = _block_d(D)
     grid = (num_bags, triton.cdiv(D, BD))
     _bag_sum_kernel[grid](
-        indices, weights, src, offsets, out,
-        src.stride(0), out.stride(0), D,
-        ACC=_tl_dtype(acc_dtype), BL=_BLOCK_L, BD=BD,
+        indices,
+        weights,
+        src,
+        offsets,
+        out,
+        src.stride(0),
+        out.stride(0),
+        D,
+        ACC=_tl_dtype(acc_dtype),
+        BL=_BLOCK_L,
+        BD=BD,
     )
     return out
 
@@ -141,8 +150,17 @@ def bag_dot(grad_out, indices, bag_ids, table, grad_weights, acc_dtype):
     BD = _block_d(D)
     grid = (triton.cdiv(nnz, _BLOCK_E),)
     _bag_dot_kernel[grid](
-        grad_out, indices, bag_ids, table, grad_weights,
-        nnz, grad_out.stride(0), table.stride(0), D,
-        ACC=_tl_dtype(acc_dtype), BE=_BLOCK_E, BD=BD,
+        grad_out,
+        indices,
+        bag_ids,
+        table,
+        grad_weights,
+        nnz,
+        grad_out.stride(0),
+        table.stride(0),
+        D,
+        ACC=_tl_dtype(acc_dtype),
+        BE=_BLOCK_E,
+        BD=BD,
     )
     return grad_weights

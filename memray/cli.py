@@ -3,6 +3,7 @@
 Exit codes: 0 success, 1 the run failed, 2 a usage or input error (one line naming the file, key
 or value at fault; the traceback only with ``--debug``).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,12 +48,22 @@ def main(ctx, debug):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default runs/<name>-<timestamp>).")
 @click.option("--no-progress", is_flag=True, help="Log lines instead of a progress bar.")
-@click.option("--workers", type=int, help="Ranks (sets distributed.workers; default 2): Ray Train workers running "
-              "DeepSpeed ZeRO + sharded value pools; 0: one process without Ray.")
-@click.option("--address", help="Train on the Ray cluster at ADDR (host:6379 or ray://host:10001; default: an "
-              "embedded local Ray on 127.0.0.1).")
-@click.option("--resume", type=click.Path(), help="Continue from a checkpoint (or a run directory's newest), "
-              "saved on any number of processes.")
+@click.option(
+    "--workers",
+    type=int,
+    help="Ranks (sets distributed.workers; default 2): Ray Train workers running "
+    "DeepSpeed ZeRO + sharded value pools; 0: one process without Ray.",
+)
+@click.option(
+    "--address",
+    help="Train on the Ray cluster at ADDR (host:6379 or ray://host:10001; default: an "
+    "embedded local Ray on 127.0.0.1).",
+)
+@click.option(
+    "--resume",
+    type=click.Path(),
+    help="Continue from a checkpoint (or a run directory's newest), saved on any number of processes.",
+)
 def train(config, overrides, run_dir, no_progress, workers, address, resume):
     """Train a model from CONFIG: a bundled config name or a YAML file.
 
@@ -91,7 +102,9 @@ def train(config, overrides, run_dir, no_progress, workers, address, resume):
 
 @main.command(name="eval")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--facts", "facts_path", required=True, type=click.Path(), help="Facts JSONL: {\"prompt\", \"answer\"} per line.")
+@click.option(
+    "--facts", "facts_path", required=True, type=click.Path(), help='Facts JSONL: {"prompt", "answer"} per line.'
+)
 @click.option("--limit", type=int, default=0, help="Evaluate only the first N facts (0: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--min-recall", type=float, help="Exit 1 when the recall is below this fraction (a check for scripts).")
@@ -145,23 +158,42 @@ def facts(config, overrides, out):
     d = load_run_config(config, list(overrides)).data
     items = generate_facts(d.num_entities, d.num_attributes, d.seed)
     write_facts(out, items)
-    click.echo(f"{out}: {len(items):,} facts ({d.num_entities} entities x {d.num_attributes} attributes, seed {d.seed})")
+    click.echo(
+        f"{out}: {len(items):,} facts ({d.num_entities} entities x {d.num_attributes} attributes, seed {d.seed})"
+    )
 
 
 @main.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the shards and manifest.json.")
-@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "parquet"]),
-              help="Input format (default: from each file's suffix; .jsonl/.json, .parquet, else text).")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Directory for the shards and manifest.json."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "jsonl", "parquet"]),
+    help="Input format (default: from each file's suffix; .jsonl/.json, .parquet, else text).",
+)
 @click.option("--text-column", default="text", show_default=True, help="Parquet column holding the text.")
 @click.option("--shard-tokens", type=int, default=1 << 24, show_default=True, help="Tokens per shard at most.")
 @click.option("--workers", type=int, help="Processes ingesting files in parallel (default: one per core).")
 @click.option("--strict", is_flag=True, help="Stop at the first malformed record instead of rejecting it.")
-@click.option("--tokenizer", default="byte", show_default=True,
-              help="byte; bpe (train a byte-level BPE on SOURCES, saved as OUT/tokenizer.json); bpe:PATH (use that file).")
-@click.option("--vocab-size", type=int, default=8192, show_default=True, help="Ids of a BPE trained with --tokenizer bpe.")
-@click.option("--ray", "on_ray", is_flag=True, help="One Ray task per file (on the cluster RAY_ADDRESS names, else an "
-              "embedded local Ray); OUT must be shared storage.")
+@click.option(
+    "--tokenizer",
+    default="byte",
+    show_default=True,
+    help="byte; bpe (train a byte-level BPE on SOURCES, saved as OUT/tokenizer.json); bpe:PATH (use that file).",
+)
+@click.option(
+    "--vocab-size", type=int, default=8192, show_default=True, help="Ids of a BPE trained with --tokenizer bpe."
+)
+@click.option(
+    "--ray",
+    "on_ray",
+    is_flag=True,
+    help="One Ray task per file (on the cluster RAY_ADDRESS names, else an "
+    "embedded local Ray); OUT must be shared storage.",
+)
 def ingest(sources, out, fmt, text_column, shard_tokens, workers, strict, tokenizer, vocab_size, on_ray):
     """Tokenize SOURCES (text, JSON lines, Parquet) into Arrow shards for training (data.source: arrow).
 
@@ -178,11 +210,23 @@ def ingest(sources, out, fmt, text_column, shard_tokens, workers, strict, tokeni
     map_files = None
     if on_ray:
         from memray.launch.ingest_ray import map_files
-    manifest = run_ingest(list(sources), out, fmt=fmt, shard_tokens=shard_tokens, workers=workers, strict=strict,
-                          text_column=text_column, tokenizer=tokenizer, vocab_size=vocab_size, map_files=map_files)
+    manifest = run_ingest(
+        list(sources),
+        out,
+        fmt=fmt,
+        shard_tokens=shard_tokens,
+        workers=workers,
+        strict=strict,
+        text_column=text_column,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        map_files=map_files,
+    )
     t = manifest["totals"]
-    click.echo(f"{out}: {t['written']:,} documents, {t['tokens']:,} tokens in {len(manifest['shards'])} shard(s); "
-               f"{t['rejected']:,} rejected of {t['read']:,} read (see {out}/rejects.jsonl)")
+    click.echo(
+        f"{out}: {t['written']:,} documents, {t['tokens']:,} tokens in {len(manifest['shards'])} shard(s); "
+        f"{t['rejected']:,} rejected of {t['read']:,} read (see {out}/rejects.jsonl)"
+    )
 
 
 @main.command()
@@ -221,8 +265,10 @@ def verify(checkpoint):
     from memray.checkpoint.sharded import verify_checkpoint
 
     ckpt, manifest = verify_checkpoint(checkpoint)
-    click.echo(f"checkpoint {ckpt} (step {manifest['step']}): {len(manifest['files'])} files and "
-               f"{len(manifest.get('chunks', {}))} chunks match their checksums")
+    click.echo(
+        f"checkpoint {ckpt} (step {manifest['step']}): {len(manifest['files'])} files and "
+        f"{len(manifest.get('chunks', {}))} chunks match their checksums"
+    )
 
 
 @main.command()
@@ -230,7 +276,9 @@ def verify(checkpoint):
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 @click.option("--pool", help="Only this value pool.")
 @click.option("--slot", type=int, help="Also this slot: its value norm, usage and the layers that read it.")
-@click.option("--usage-png", type=click.Path(dir_okay=False), help="Draw each pool's usage (histogram, key-grid heat map).")
+@click.option(
+    "--usage-png", type=click.Path(dir_okay=False), help="Draw each pool's usage (histogram, key-grid heat map)."
+)
 def inspect(checkpoint, as_json, pool, slot, usage_png):
     """What a checkpoint holds: step, world size, layout, checksum status, and per value pool its
     shape, dtype, shard map, usage metrics and value norms (read a chunk at a time).
@@ -293,15 +341,24 @@ def grow(checkpoint, n_keys, out):
 @click.option("--memory-params", required=True, help="Value-table parameters per pool: 128e9, 1.07B, 4M, 2000000.")
 @click.option("--value-dim", default="4096", show_default=True, help="Value dim D.")
 @click.option("--gpu-mem", required=True, help="Memory of one GPU: 80GiB, 80GB, 85899345920.")
-@click.option("--tokens-per-rank", default="16384", show_default=True,
-              help="Tokens each rank processes per step (its micro-batch): sizes lookup buffers and traffic.")
+@click.option(
+    "--tokens-per-rank",
+    default="16384",
+    show_default=True,
+    help="Tokens each rank processes per step (its micro-batch): sizes lookup buffers and traffic.",
+)
 @click.option("--heads", default="4", show_default=True, help="Memory heads.")
 @click.option("--knn", default="32", show_default=True, help="Values read per head and token.")
 @click.option("--memory-layers", default="3", show_default=True, help="Memory layers reading the pool(s).")
 @click.option("--pools", default="1", show_default=True, help="Value pools (1: one pool shared by the layers).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True, help="Value dtype.")
-@click.option("--optimizer", type=click.Choice(["rowwise_adagrad", "lazy_adam", "lazy_adamw", "sgd", "adamw"]),
-              default="rowwise_adagrad", show_default=True, help="Value-table optimizer.")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["rowwise_adagrad", "lazy_adam", "lazy_adamw", "sgd", "adamw"]),
+    default="rowwise_adagrad",
+    show_default=True,
+    help="Value-table optimizer.",
+)
 @click.option("--dense-params", default="8e9", show_default=True, help="Dense-model parameters (ZeRO data parallel).")
 @click.option("--world", help="Report at this many ranks instead of the fewest that hold it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")

@@ -4,6 +4,7 @@ Registered on the main group by :mod:`memray.cli`; user errors (an unreachable a
 unknown job id, a config error) are one line with exit code 2 like every other command; a job
 that fails makes ``submit`` (when it waits) exit 1, as ``ray job submit`` does.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ import click
 from memray.errors import UsageError
 
 _ADDRESS = click.option("--address", help="The cluster's Jobs API, http://HOST:8265 (default: RAY_ADDRESS).")
-_INSECURE = click.option("--insecure", is_flag=True,
-                         help="Allow a non-loopback address without an auth token (trusted networks only).")
+_INSECURE = click.option(
+    "--insecure", is_flag=True, help="Allow a non-loopback address without an auth token (trusted networks only)."
+)
 
 
 @click.group()
@@ -68,8 +70,10 @@ def cluster_status(as_json):
     if as_json:
         click.echo(json.dumps(state))
     elif state["running"]:
-        click.echo(f"running: pid {state['pid']}, address {state['address']}, jobs API {state['dashboard']}, "
-                   f"jobs {state['jobs'] or 'none'}")
+        click.echo(
+            f"running: pid {state['pid']}, address {state['address']}, jobs API {state['dashboard']}, "
+            f"jobs {state['jobs'] or 'none'}"
+        )
     else:
         click.echo("not running" + (f" (recorded pid {state['pid']} is gone)" if state.get("pid") else ""))
 
@@ -78,8 +82,11 @@ def cluster_status(as_json):
 @click.argument("config")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--workers", type=int, help="Ray Train workers (sets distributed.workers).")
-@click.option("--run-dir", type=click.Path(file_okay=False),
-              help="Run directory, on storage the cluster shares (default runs/<name>-<timestamp>, made absolute).")
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    help="Run directory, on storage the cluster shares (default runs/<name>-<timestamp>, made absolute).",
+)
 @click.option("--resume", help="A checkpoint path on the cluster's storage to continue from.")
 @click.option("--submission-id", help="Job id to use; submitting an id that exists again does not start a second job.")
 @click.option("--no-wait", is_flag=True, help="Print the job id and return instead of streaming its logs.")
@@ -109,8 +116,14 @@ def submit(config, overrides, workers, run_dir, resume, submission_id, no_wait, 
     run_config.check_world()
     run_config = run_config.with_absolute_paths()  # a job runs in its own working directory
     run_dir = str(Path(run_dir or run_config.run_dir or default_run_dir(run_config)).resolve())
-    client, job_id, new = jobs.submit(dump_yaml(run_config), address=address, run_dir=run_dir,
-                                      submission_id=submission_id, resume=resume, insecure=insecure)
+    client, job_id, new = jobs.submit(
+        dump_yaml(run_config),
+        address=address,
+        run_dir=run_dir,
+        submission_id=submission_id,
+        resume=resume,
+        insecure=insecure,
+    )
     click.echo(f"job {job_id} {'submitted' if new else 'already exists'}; run directory {run_dir}", err=True)
     if no_wait:
         click.echo(job_id)
@@ -136,8 +149,17 @@ def job_status(job_id, address, insecure, as_json):
 
     info = jobs.info(jobs.client(address, insecure), job_id)
     if as_json:
-        click.echo(json.dumps({"job_id": job_id, "status": info.status.value, "message": info.message,
-                               "start_time": info.start_time, "end_time": info.end_time}))
+        click.echo(
+            json.dumps(
+                {
+                    "job_id": job_id,
+                    "status": info.status.value,
+                    "message": info.message,
+                    "start_time": info.start_time,
+                    "end_time": info.end_time,
+                }
+            )
+        )
     else:
         click.echo(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
 
@@ -193,8 +215,15 @@ def list_jobs(address, insecure, as_json):
     """
     from memray.launch import jobs
 
-    rows = [{"job_id": j.submission_id or j.job_id, "status": j.status.value, "start_time": j.start_time,
-             "entrypoint": j.entrypoint} for j in jobs.list_jobs(jobs.client(address, insecure))]
+    rows = [
+        {
+            "job_id": j.submission_id or j.job_id,
+            "status": j.status.value,
+            "start_time": j.start_time,
+            "entrypoint": j.entrypoint,
+        }
+        for j in jobs.list_jobs(jobs.client(address, insecure))
+    ]
     rows.sort(key=lambda r: r["start_time"] or 0)
     if as_json:
         click.echo(json.dumps(rows))

@@ -5,6 +5,7 @@ Each component owns its config class (beside the component) and validates it in
 YAML mappings into those classes with strict key and type checks, applies ``--set a.b=c``
 overrides, and writes resolved configs back to YAML.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,9 +62,7 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping, got {value!r}")
         key_type, value_type = args if args else (Any, Any)
-        return {
-            _convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()
-        }
+        return {_convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r}")
@@ -143,8 +142,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     if bundled.exists():
         return bundled
     raise InputError(
-        f"unknown config '{name_or_path}': not a file and not a bundled config "
-        f"({', '.join(bundled_configs())})"
+        f"unknown config '{name_or_path}': not a file and not a bundled config ({', '.join(bundled_configs())})"
     )
 
 

@@ -1,4 +1,5 @@
 """Exact-match recall of facts: greedy answers of a model to each fact's prompt."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -9,7 +10,9 @@ from memray.data import ByteTokenizer, Fact
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer: ByteTokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256) -> list[str]:
+def greedy_answers(
+    model, tokenizer: ByteTokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256
+) -> list[str]:
     """Greedy continuation of ``BOS + prompt + " "`` up to EOS or ``max_new_tokens``.
 
     Prompts are batched by token length, so no padding enters attention.
@@ -25,7 +28,7 @@ def greedy_answers(model, tokenizer: ByteTokenizer, prompts: list[str], max_new_
     max_len = model.config.max_seq_len
     for length, members in by_length.items():
         for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
+            chunk = members[start : start + batch_size]
             tokens = torch.tensor([encoded[i] for i in chunk], device=device)
             steps = max(0, min(max_new_tokens, max_len - length))
             done = torch.zeros(len(chunk), dtype=torch.bool, device=device)

@@ -1,4 +1,5 @@
 """File helpers shared by every layer that writes or checks files (data shards, checkpoints)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -3,6 +3,7 @@
 Triton kernels run on CPU only under the interpreter, which must be chosen before triton is
 first imported; DeepSpeed must be told it has no accelerator before it is imported.
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,4 +1,5 @@
 """Zarr checkpoints of sharded pools: saved by 2 real ranks, read back onto any sharding."""
+
 import pickle
 
 import numpy as np
@@ -27,9 +28,21 @@ def _save_worker(root):
         optimizer.step()
         optimizer.zero_grad()
     state = optimizer.state[table.weight]
-    tensors = {"weight": table.weight.detach(), "usage_count": table.usage_count, "usage_mass": table.usage_mass, **state}
-    path = save_sharded_checkpoint(root, 3, {"dense.w": torch.ones(2)}, "name: t\n", {"values": (table, tensors)},
-                                   group=ctx.memory_group, attrs={"world_size": ctx.world_size, "layout": "row"})
+    tensors = {
+        "weight": table.weight.detach(),
+        "usage_count": table.usage_count,
+        "usage_mass": table.usage_mass,
+        **state,
+    }
+    path = save_sharded_checkpoint(
+        root,
+        3,
+        {"dense.w": torch.ones(2)},
+        "name: t\n",
+        {"values": (table, tensors)},
+        group=ctx.memory_group,
+        attrs={"world_size": ctx.world_size, "layout": "row"},
+    )
     full = {k: table._gather_rows(v.detach()) for k, v in tensors.items()}
     dist.destroy_process_group()
     return str(path), {k: (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy() for k, v in full.items()}
@@ -54,9 +67,9 @@ def test_restore_onto_any_world_size_and_layout_is_bit_identical(saved, world, l
         shard = load_pool_shard(path, "values", rows, cols)
         assert set(shard) == set(full)
         for key, tensor in shard.items():
-            expected = full[key][rows[0]:rows[1]]
+            expected = full[key][rows[0] : rows[1]]
             if expected.ndim == 2:
-                expected = expected[:, cols[0]:cols[1]]
+                expected = expected[:, cols[0] : cols[1]]
             got = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
             assert got.dtype == expected.dtype and np.array_equal(got, expected), (world, layout, rank, key)
     assert (full["row_step"] > 0).any() and (full["usage_count"] > 0).any()  # the state is not trivial
@@ -116,7 +129,9 @@ def test_verify_command(saved, tmp_path):
 
     path = tmp_path / "copy"
     shutil.copytree(saved[0], path)
-    run = lambda: subprocess.run([sys.executable, "-m", "memray.cli", "verify", str(path)], capture_output=True, text=True)  # noqa: E731
+    run = lambda: subprocess.run(
+        [sys.executable, "-m", "memray.cli", "verify", str(path)], capture_output=True, text=True
+    )  # noqa: E731
     ok = run()
     assert ok.returncode == 0 and "chunks match" in ok.stdout, ok.stderr
     chunk = path / "memory.zarr" / "values" / "weight" / "c" / "3" / "0"
@@ -152,7 +167,9 @@ def test_killed_save_leaves_the_previous_checkpoint(tmp_path):
     from memray.checkpoint import find_checkpoint
 
     root = tmp_path / "checkpoints"
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(root), str(1 << 20)], stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(root), str(1 << 20)], stdout=subprocess.PIPE, text=True
+    )
     assert writer.stdout.readline().strip() == "saved 1"
     partial = root / ".tmp-step-00000002" / "memory.zarr" / "values" / "weight" / "c"
     deadline = time.time() + 120
@@ -208,7 +225,12 @@ def test_offline_restore_names_a_damaged_chunk(saved, tmp_path):
     path = tmp_path / "copy"
     shutil.copytree(saved[0], path)
     (path / "memory.zarr" / "values" / "usage_count" / "c" / "2").unlink()
-    result = subprocess.run([sys.executable, "-m", "memray.cli", "restore", str(path), "--out", str(tmp_path / "r"),
-                             "--world-size", "2"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "memray.cli", "restore", str(path), "--out", str(tmp_path / "r"), "--world-size", "2"],
+        capture_output=True,
+        text=True,
+    )
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "'values/usage_count' chunk 2 is missing" in lines[0], result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and "'values/usage_count' chunk 2 is missing" in lines[0], (
+        result.stderr
+    )

@@ -1,4 +1,5 @@
 """The command line, run as a user runs it: a real `memray` process."""
+
 import json
 import os
 import subprocess

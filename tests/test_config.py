@@ -1,4 +1,5 @@
 """Typed configs: YAML loading, overrides, and errors that name the key at fault."""
+
 import pytest
 
 from memray.config import apply_overrides, bundled_configs, dump_yaml, from_dict
@@ -14,8 +15,16 @@ def test_bundled_configs_load():
 
 
 def test_overrides_are_typed_and_nested():
-    config = load_run_config("tiny", ["train.steps=3", "model.memory.knn=4", "optim.betas=[0.8, 0.9]",
-                                      "model.memory.v_dim=null", "model.memory_pools={a: [1]}"])
+    config = load_run_config(
+        "tiny",
+        [
+            "train.steps=3",
+            "model.memory.knn=4",
+            "optim.betas=[0.8, 0.9]",
+            "model.memory.v_dim=null",
+            "model.memory_pools={a: [1]}",
+        ],
+    )
     assert config.train.steps == 3 and config.model.memory.knn == 4
     assert config.optim.betas == [0.8, 0.9] and config.model.memory.v_dim is None
     assert config.model.memory_pools == {"a": [1]}

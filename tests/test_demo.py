@@ -1,4 +1,5 @@
 """The demo's promise: a memory model memorises the synthetic facts it trains on."""
+
 import json
 
 import pytest

@@ -13,6 +13,7 @@ flip happened at 3 ranks, ZeRO-3: one of 1,024 head selections differed at step 
 of 1,024 values (a table of 262k parameters, more than the 231k dense ones, so a collective of
 the table would be the largest collective of a step).
 """
+
 import json
 import os
 import subprocess
@@ -28,8 +29,17 @@ from memray.train import Trainer, load_run_config
 STEPS = 20
 TOL = 1e-4
 OVERRIDES = [f"train.steps={STEPS}", "model.memory.v_dim=1024"]
-COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "reduce",
-               "all_gather", "reduce_scatter", "all_reduce_coalesced", "all_to_all_single")
+COLLECTIVES = (
+    "all_reduce",
+    "reduce_scatter_tensor",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce",
+    "all_gather",
+    "reduce_scatter",
+    "all_reduce_coalesced",
+    "all_to_all_single",
+)
 
 
 def _config(*extra):
@@ -53,7 +63,13 @@ def _watch_collectives(log: list):
 
         def wrapper(*args, _original=original, _name=name, **kwargs):
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            tensors += [t for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            tensors += [
+                t
+                for a in (*args, *kwargs.values())
+                if isinstance(a, (list, tuple))
+                for t in a
+                if isinstance(t, torch.Tensor)
+            ]
             for t in tensors:
                 log.append((_name, t.numel(), t.untyped_storage().data_ptr(), kwargs.get("group")))
             return _original(*args, **kwargs)
@@ -67,24 +83,33 @@ def _stages_worker(layout_stages):
     _watch_collectives(calls)
     out = []
     for layout, stage in layout_stages:
-        config = _config(f"distributed.workers={ctx.world_size}", f"distributed.zero_stage={stage}",
-                         f"model.memory.layout={layout}")
+        config = _config(
+            f"distributed.workers={ctx.world_size}", f"distributed.zero_stage={stage}", f"model.memory.layout={layout}"
+        )
         trainer = Trainer(config, run_dir="unused", progress=False, context=ctx)
         calls.clear()
         curve = _curve(trainer)
         table = trainer.tables["layer1"]
         storages = {table.weight.untyped_storage().data_ptr()}
         engine_params = {id(p) for p in trainer.dense.engine.module.parameters()}
-        out.append({
-            "layout": layout, "stage": stage, "curve": curve,
-            "table_in_engine": id(table.weight) in engine_params,
-            "shard_numel": table.weight.numel(), "table_numel": table.num_rows * table.dim,
-            "shard_bound": (-(-table.num_rows // ctx.world_size) * table.dim if layout == "row"
-                            else table.num_rows * -(-table.dim // ctx.world_size)),
-            "collectives_on_table": sum(1 for _, _, ptr, _ in calls if ptr in storages),
-            # everything outside the memory group is DeepSpeed's (and the loss's all-reduce)
-            "largest_collective": max(n for _, n, _, group in calls if group is not ctx.memory_group),
-        })
+        out.append(
+            {
+                "layout": layout,
+                "stage": stage,
+                "curve": curve,
+                "table_in_engine": id(table.weight) in engine_params,
+                "shard_numel": table.weight.numel(),
+                "table_numel": table.num_rows * table.dim,
+                "shard_bound": (
+                    -(-table.num_rows // ctx.world_size) * table.dim
+                    if layout == "row"
+                    else table.num_rows * -(-table.dim // ctx.world_size)
+                ),
+                "collectives_on_table": sum(1 for _, _, ptr, _ in calls if ptr in storages),
+                # everything outside the memory group is DeepSpeed's (and the loss's all-reduce)
+                "largest_collective": max(n for _, n, _, group in calls if group is not ctx.memory_group),
+            }
+        )
     dist.destroy_process_group()
     return out
 
@@ -94,10 +119,13 @@ def reference_curve():
     return _curve(Trainer(_config(), run_dir="unused", progress=False))
 
 
-@pytest.mark.parametrize("world,layout_stages", [
-    (2, [("row", 0), ("row", 1), ("row", 2), ("row", 3)]),
-    (3, [("row", 1), ("row", 2), ("row", 3), ("column", 2)]),
-])
+@pytest.mark.parametrize(
+    "world,layout_stages",
+    [
+        (2, [("row", 0), ("row", 1), ("row", 2), ("row", 3)]),
+        (3, [("row", 1), ("row", 2), ("row", 3), ("column", 2)]),
+    ],
+)
 def test_sharded_training_reproduces_single_process(world, layout_stages, reference_curve):
     results = spawn(_stages_worker, world, layout_stages)
     for rank, runs in enumerate(results):
@@ -119,7 +147,9 @@ def test_sharded_training_reproduces_single_process(world, layout_stages, refere
 
 def _cli(*args, timeout=600):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "memray.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "memray.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def _logged_losses(run_dir):
@@ -130,7 +160,9 @@ def _logged_losses(run_dir):
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("single") / "one"
-    result = _cli("train", "tiny", "--workers", "0", "--run-dir", str(run), "--no-progress", "--set", "train.log_every=1")
+    result = _cli(
+        "train", "tiny", "--workers", "0", "--run-dir", str(run), "--no-progress", "--set", "train.log_every=1"
+    )
     assert result.returncode == 0, result.stderr
     return run
 
@@ -139,8 +171,19 @@ def single_run(tmp_path_factory):
 def test_cli_workers_give_the_single_process_losses(workers, launcher, single_run, tmp_path):
     """N local processes reproduce one process (tests/test_ray.py: Ray Train workers reproduce them)."""
     (tmp_path / "one").symlink_to(single_run)
-    result = _cli("train", "tiny", "--workers", str(workers), "--run-dir", str(tmp_path / "many"), "--no-progress",
-                  "--set", "train.log_every=1", "--set", f"distributed.launcher={launcher}")
+    result = _cli(
+        "train",
+        "tiny",
+        "--workers",
+        str(workers),
+        "--run-dir",
+        str(tmp_path / "many"),
+        "--no-progress",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        f"distributed.launcher={launcher}",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 20  # stdout: the result only
     one, many = _logged_losses(tmp_path / "one"), _logged_losses(tmp_path / "many")
@@ -163,8 +206,10 @@ def test_cli_workers_give_the_single_process_losses(workers, launcher, single_ru
     assert torch.equal(one_model.pools["layer1"].usage_count, many_model.pools["layer1"].usage_count)
     assert (tmp_path / "many" / "checkpoints" / "step-00000020" / "memory.zarr").is_dir()
     # inspect reads both kinds of checkpoint alike, and `--slot` reports one slot
-    one_info, many_info = (json.loads(_cli("inspect", str(tmp_path / d), "--json", "--slot", "7").stdout)["pools"]["layer1"]
-                           for d in ("one", "many"))
+    one_info, many_info = (
+        json.loads(_cli("inspect", str(tmp_path / d), "--json", "--slot", "7").stdout)["pools"]["layer1"]
+        for d in ("one", "many")
+    )
     assert many_info["lookups"] == one_info["lookups"] == 20 * 8 * 64 * 16
     assert many_info["slot"]["usage_count"] == one_info["slot"]["usage_count"]
     assert len(many_info["shard_map"]) == workers
@@ -184,12 +229,18 @@ def test_cli_workers_give_the_single_process_losses(workers, launcher, single_ru
     assert json.loads(evaluated.stdout)["total"] == 5
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--workers", "5", "--set", "model.memory.n_keys=2", "--set", "model.memory.knn=4"], "model.memory.n_keys"),
-    (["--workers", "4", "--set", "model.memory.parallel_size=2"], "model.memory.parallel_size"),
-    (["--workers", "3", "--set", "train.batch_size=2"], "train.batch_size"),
-    (["--workers", "2", "--set", "model.memory.layout=column", "--set", "model.memory.v_dim=1"], "model.memory.v_dim"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--workers", "5", "--set", "model.memory.n_keys=2", "--set", "model.memory.knn=4"], "model.memory.n_keys"),
+        (["--workers", "4", "--set", "model.memory.parallel_size=2"], "model.memory.parallel_size"),
+        (["--workers", "3", "--set", "train.batch_size=2"], "train.batch_size"),
+        (
+            ["--workers", "2", "--set", "model.memory.layout=column", "--set", "model.memory.v_dim=1"],
+            "model.memory.v_dim",
+        ),
+    ],
+)
 def test_bad_world_size_is_one_line_before_any_process(args, needle, tmp_path):
     result = _cli("train", "tiny", "--run-dir", str(tmp_path / "r"), *args, timeout=60)
     assert result.returncode == 2, result.stderr

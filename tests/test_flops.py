@@ -1,4 +1,5 @@
 """FLOPs per token, and the quality benchmark's matching of models on them."""
+
 import json
 import pathlib
 import subprocess
@@ -15,13 +16,21 @@ def test_flops_of_dense_memory_and_moe_blocks():
     assert f["ffn"] == 2 * (2 * 3 * d * 96)
     assert f["attention"] == 2 * (2 * 4 * d * d + 2 * 2 * d * seq / 2)
     assert f["total"] == f["attention"] + f["ffn"] + 2 * d * 259
-    memory = ModelConfig(dim=d, n_layers=2, n_heads=2, max_seq_len=seq, ffn_hidden=96, memory_layers=[1],
-                         memory=MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=32, swilu=True))
+    memory = ModelConfig(
+        dim=d,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=seq,
+        ffn_hidden=96,
+        memory_layers=[1],
+        memory=MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=32, swilu=True),
+    )
     m = flops_per_token(memory, seq)
     expected = 2 * d * 2 * 32 + 2 * 2 * 16 * 32 + 2 * 4**2 + 2 * 2 * 4 * d + 2 * d * d + d + 2 * d * d
     assert m["memory"] == expected and m["ffn"] == f["ffn"] / 2  # the table's size costs nothing
-    moe = ModelConfig(dim=d, n_layers=2, n_heads=2, max_seq_len=seq, ffn="moe",
-                      moe=MoEConfig(num_experts=8, top_k=2, hidden=48))
+    moe = ModelConfig(
+        dim=d, n_layers=2, n_heads=2, max_seq_len=seq, ffn="moe", moe=MoEConfig(num_experts=8, top_k=2, hidden=48)
+    )
     assert flops_per_token(moe, seq)["moe"] == 2 * (2 * d * 8 + 2 * 2 * 3 * d * 48)
 
 
@@ -29,9 +38,26 @@ def test_factual_recall_smoke_matches_models(tmp_path):
     """A few steps of three of the benchmark's models: its output, and the dense and MoE models
     matched to Memory+ in FLOPs per token (and the MoE in parameters)."""
     script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "factual_recall.py"
-    result = subprocess.run([sys.executable, str(script), "--quick", "--steps", "4", "--eval-sample", "40", "--points", "1",
-                             "--models", "dense,memory_plus,moe",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--quick",
+            "--steps",
+            "4",
+            "--eval-sample",
+            "40",
+            "--points",
+            "1",
+            "--models",
+            "dense,memory_plus,moe",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     flops, params = summary["flops_per_token"], summary["params"]

@@ -1,4 +1,5 @@
 """memray grow: a larger product-key grid that keeps what the memory learned."""
+
 import json
 
 import torch
@@ -11,8 +12,16 @@ from memray.data import ByteTokenizer
 from memray.train import Trainer, load_run_config
 from memray.train.trainer import load_trained_model
 
-FACTS = ["data.num_entities=16", "data.num_attributes=2", "train.steps=300", "train.log_every=100",
-         "model.memory.n_keys=12", "optim.lr=0.005", "model.memory.value_lr=0.02", "optim.value_optimizer=lazy_adam"]
+FACTS = [
+    "data.num_entities=16",
+    "data.num_attributes=2",
+    "train.steps=300",
+    "train.log_every=100",
+    "model.memory.n_keys=12",
+    "optim.lr=0.005",
+    "model.memory.value_lr=0.02",
+    "optim.value_optimizer=lazy_adam",
+]
 
 
 def _recalled(model, facts) -> set[str]:
@@ -52,8 +61,11 @@ def test_grown_memory_keeps_slots_and_recall(tmp_path):
     assert len(_recalled(after_model, facts)) < len(before) / 2
 
     # training continues from the grown checkpoint (dense moments and value state grew too)
-    resumed = Trainer(load_run_config("tiny", [*FACTS, "model.memory.n_keys=20", "train.steps=305"]),
-                      run_dir=tmp_path / "more", progress=False)
+    resumed = Trainer(
+        load_run_config("tiny", [*FACTS, "model.memory.n_keys=20", "train.steps=305"]),
+        run_dir=tmp_path / "more",
+        progress=False,
+    )
     resumed.resume(tmp_path / "big")
     assert resumed.step == 300
     out = resumed.fit()

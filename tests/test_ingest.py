@@ -1,4 +1,5 @@
 """memray ingest: text, JSON lines and Parquet into checked Arrow shards, and reading them back."""
+
 import json
 import os
 import subprocess
@@ -19,8 +20,9 @@ TEXTS = ["Hello world.\nsecond line", "Para two.", "doc one", "X was born in Cor
 @pytest.fixture
 def sources(tmp_path):
     (tmp_path / "a.txt").write_text("Hello world.\nsecond line\n\n\nPara two.\n")
-    (tmp_path / "b.jsonl").write_text('{"text": "doc one"}\nnot json\n{"prompt": "X was born in", "answer": "Cork"}\n'
-                                      '{"foo": 1}\n\n')
+    (tmp_path / "b.jsonl").write_text(
+        '{"text": "doc one"}\nnot json\n{"prompt": "X was born in", "answer": "Cork"}\n{"foo": 1}\n\n'
+    )
     (tmp_path / "d.txt").write_bytes(b"caf\xe9 latin-1\n")  # not UTF-8
     pq.write_table(pa.table({"text": ["alpha", None, "beta", ""]}), tmp_path / "c.parquet")
     return [tmp_path / n for n in ("a.txt", "b.jsonl", "c.parquet", "d.txt")]
@@ -34,13 +36,20 @@ def test_ingest_counts_rejects_and_round_trip(sources, tmp_path):
         assert source["read"] == source["written"] + source["rejected"]
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert [(os.path.basename(r["file"]), r["line"]) for r in rejects] == [
-        ("b.jsonl", 2), ("b.jsonl", 4), ("c.parquet", 2), ("c.parquet", 4), ("d.txt", 1)]
+        ("b.jsonl", 2),
+        ("b.jsonl", 4),
+        ("c.parquet", 2),
+        ("c.parquet", 4),
+        ("d.txt", 1),
+    ]
     assert "not JSON" in rejects[0]["reason"] and "null" in rejects[2]["reason"] and "UTF-8" in rejects[4]["reason"]
     assert len(manifest["shards"]) > len(sources) - 1  # 20-token shards: sources split over several
     documents = ArrowDocuments(tmp_path / "out")
     tokenizer = ByteTokenizer()
     assert [tokenizer.decode(documents[i][1:]) for i in range(len(documents))] == TEXTS
-    assert all(documents[i][0] == tokenizer.bos_id and documents[i][-1] == tokenizer.eos_id for i in range(len(documents)))
+    assert all(
+        documents[i][0] == tokenizer.bos_id and documents[i][-1] == tokenizer.eos_id for i in range(len(documents))
+    )
 
 
 def test_parallel_ingest_writes_the_same_shards(sources, tmp_path):
@@ -50,11 +59,16 @@ def test_parallel_ingest_writes_the_same_shards(sources, tmp_path):
 
 
 def test_strict_and_bad_inputs_are_one_line(sources, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "memray.cli", "ingest", *map(str, a)],  # noqa: E731
-                                    capture_output=True, text=True)
-    for args, needle in (((sources[1], "--out", tmp_path / "s", "--strict"), "b.jsonl:2: not JSON"),
-                         ((tmp_path / "missing.txt", "--out", tmp_path / "m"), "input not found"),
-                         ((sources[2], "--out", tmp_path / "p", "--text-column", "body"), "no column 'body'")):
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "memray.cli", "ingest", *map(str, a)],  # noqa: E731
+        capture_output=True,
+        text=True,
+    )
+    for args, needle in (
+        ((sources[1], "--out", tmp_path / "s", "--strict"), "b.jsonl:2: not JSON"),
+        ((tmp_path / "missing.txt", "--out", tmp_path / "m"), "input not found"),
+        ((sources[2], "--out", tmp_path / "p", "--text-column", "body"), "no column 'body'"),
+    ):
         result = run(*args)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
@@ -116,11 +130,15 @@ def test_training_on_bpe_shards_saves_the_tokenizer_for_eval(tmp_path):
     overrides = ["data.source=arrow", f"data.path={tmp_path / 'shards'}", "train.steps=2", "train.eval_facts=0"]
     with pytest.raises(Exception, match="model.vocab_size.*smaller than the bpe tokenizer"):
         Trainer(load_run_config("tiny", overrides + ["model.vocab_size=259"]), run_dir=tmp_path / "r0", progress=False)
-    Trainer(load_run_config("tiny", overrides + [f"model.vocab_size={size}"]), run_dir=tmp_path / "run", progress=False).fit()
+    Trainer(
+        load_run_config("tiny", overrides + [f"model.vocab_size={size}"]), run_dir=tmp_path / "run", progress=False
+    ).fit()
     ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
     assert (ckpt / "tokenizer.json").read_bytes() == (tmp_path / "shards" / "tokenizer.json").read_bytes()
     assert saved_tokenizer(ckpt).vocab_size == size and isinstance(saved_tokenizer(tmp_path / "run"), BPETokenizer)
-    result = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--facts", str(tmp_path / "facts.jsonl"), "--json"])
+    result = CliRunner().invoke(
+        main, ["eval", str(tmp_path / "run"), "--facts", str(tmp_path / "facts.jsonl"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["total"] == len(facts)
 
@@ -140,8 +158,12 @@ def test_ingest_streams_with_bounded_memory(tmp_path):
     with open(tmp_path / "big.txt", "wb") as f:
         for _ in range((16 << 20) // len(paragraph)):
             f.write(paragraph)
-    result = subprocess.run([sys.executable, "-c", _STREAM, str(tmp_path / "big.txt"), str(tmp_path / "out")],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _STREAM, str(tmp_path / "big.txt"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     before, after = map(int, result.stdout.split())
     assert (after - before) / 1024 < 64, f"peak RSS grew by {(after - before) / 1024:.0f} MiB"
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["totals"]["tokens"] > 15 << 20

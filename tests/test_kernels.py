@@ -4,6 +4,7 @@ Triton runs under the interpreter on CPU (``TRITON_INTERPRET=1`` from conftest),
 every program in Python, so Triton cases use small bags and tables. The C++ kernels are built
 on first use (seconds; cached in the torch extensions directory afterwards).
 """
+
 import ast
 import os
 import pathlib
@@ -25,7 +26,8 @@ KERNELS_DIR = pathlib.Path(K.__file__).resolve().parent
 # test_cpp_extension_builds instead of silently skipping.
 HAVE_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 CPP = pytest.param(
-    "cpp", marks=pytest.mark.skipif(
+    "cpp",
+    marks=pytest.mark.skipif(
         not HAVE_COMPILER and not cpu_ext.available(), reason="no C++ compiler for the CPU kernels"
     ),
 )
@@ -472,10 +474,22 @@ def test_cpp_index_out_of_range(backend, bad):
         (dict(table=torch.zeros(5, 4, dtype=torch.float16)), "table dtype"),
         (dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6)), "\\[B, L\\]"),
         (dict(offsets=torch.tensor([0, 3, 6])), "flat"),
-        (dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([0, 3, 5])), "end at nnz"),
-        (dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([1, 3, 6])), "start at 0"),
-        (dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([0, 4, 3, 6])), "non-decreasing"),
-        (dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([0.0, 6.0])), "int64"),
+        (
+            dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([0, 3, 5])),
+            "end at nnz",
+        ),
+        (
+            dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([1, 3, 6])),
+            "start at 0",
+        ),
+        (
+            dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([0, 4, 3, 6])),
+            "non-decreasing",
+        ),
+        (
+            dict(indices=torch.zeros(6, dtype=torch.int64), weights=torch.zeros(6), offsets=torch.tensor([0.0, 6.0])),
+            "int64",
+        ),
         (dict(backend="cuda"), "backend"),
     ],
 )
@@ -546,8 +560,21 @@ def _last_json_line(text):
 
 def test_bench_lookup_smoke(tmp_path, capsys):
     bench = _load_script("bench_lookup")
-    bench.main(["--reps", "1", "--log2-rows", "10", "12", "--tokens", "16", "--options-log2-rows", "12",
-                "--out", str(tmp_path)])
+    bench.main(
+        [
+            "--reps",
+            "1",
+            "--log2-rows",
+            "10",
+            "12",
+            "--tokens",
+            "16",
+            "--options-log2-rows",
+            "12",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     summary = _last_json_line(capsys.readouterr().out)
     assert set(summary["per_N"]) == {"2^10", "2^12"}
     assert summary["per_N"]["2^10"]["step_ms"] > 0 and "step_ratio_2^12_vs_2^10" in summary

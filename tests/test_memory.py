@@ -1,4 +1,5 @@
 """The memory layer against brute force and against a float64 reference written here."""
+
 import math
 
 import pytest
@@ -20,7 +21,9 @@ def make_layer(dim=24, dtype=torch.float32, **overrides):
     [(7, 5, 2, False), (13, 1, 3, False), (10, 9, 1, True), (5, 25, 2, False), (6, 17, 2, True), (3, 2, 4, False)],
 )
 def test_topk_equals_brute_force(n_keys, knn, heads, qk_norm):
-    layer = make_layer(dtype=torch.float64, n_keys=n_keys, knn=knn, heads=heads, qk_norm=qk_norm, query_layernorm=qk_norm)
+    layer = make_layer(
+        dtype=torch.float64, n_keys=n_keys, knn=knn, heads=heads, qk_norm=qk_norm, query_layernorm=qk_norm
+    )
     x = torch.randn(3, 11, 24, dtype=torch.float64)
     indices, scores = layer.topk(x)
     assert indices.shape == (33, heads, knn) and indices.dtype == torch.int64
@@ -83,8 +86,16 @@ def test_layer_output_and_gradients_match_float64_reference(v_dim):
 
     assert_close(out, ref)
     assert_close(x.grad, x_ref.grad)
-    checked = ["keys", "query_proj.weight", "query_proj.bias", "value_table.weight",
-               "swilu_proj.weight", "swilu_proj.bias", "out_proj.weight", "out_proj.bias"]
+    checked = [
+        "keys",
+        "query_proj.weight",
+        "query_proj.bias",
+        "value_table.weight",
+        "swilu_proj.weight",
+        "swilu_proj.bias",
+        "out_proj.weight",
+        "out_proj.bias",
+    ]
     for name, p in layer.named_parameters():
         grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
         assert_close(grad, params[name].grad, msg=f"gradient of {name}")
@@ -93,8 +104,17 @@ def test_layer_output_and_gradients_match_float64_reference(v_dim):
 
 
 def test_every_knob_runs_forward_and_backward():
-    layer = make_layer(qk_norm=True, query_layernorm=True, gate=True, swilu=True, input_dropout=0.1,
-                       query_dropout=0.1, value_dropout=0.1, query_bias=False, v_dim=16)
+    layer = make_layer(
+        qk_norm=True,
+        query_layernorm=True,
+        gate=True,
+        swilu=True,
+        input_dropout=0.1,
+        query_dropout=0.1,
+        value_dropout=0.1,
+        query_bias=False,
+        v_dim=16,
+    )
     x = torch.randn(4, 24, requires_grad=True)
     layer(x).sum().backward()
     for name, p in layer.named_parameters():

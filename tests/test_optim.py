@@ -1,4 +1,5 @@
 """Schedules and gradient clipping of dense and row-sparse gradients."""
+
 import math
 
 import torch
@@ -19,7 +20,9 @@ def test_clip_sparse_gradients_with_duplicate_rows():
     dense.grad = torch.tensor([3.0, 0.0, 0.0])
     table = torch.nn.Parameter(torch.zeros(10, 2))
     # two layers read row 4: their gradients add up before the norm is taken
-    table.grad = torch.sparse_coo_tensor(torch.tensor([[4, 4]]), torch.tensor([[1.0, 0.0], [3.0, 0.0]]), (10, 2), check_invariants=True)
+    table.grad = torch.sparse_coo_tensor(
+        torch.tensor([[4, 4]]), torch.tensor([[1.0, 0.0], [3.0, 0.0]]), (10, 2), check_invariants=True
+    )
     norm = clip_grads([dense, table], max_norm=1.0)
     assert math.isclose(norm, 5.0, rel_tol=1e-6)  # sqrt(3^2 + (1 + 3)^2)
     assert math.isclose(float(dense.grad[0]), 3.0 / 5.0, rel_tol=1e-5)
@@ -39,7 +42,13 @@ import pytest  # noqa: E402
 from memray.errors import ConfigError  # noqa: E402
 from memray.model.memory import ValueTable  # noqa: E402
 from memray.optim import (  # noqa: E402
-    VALUE_OPTIMIZERS, LazyAdam, LazyAdamW, OptimConfig, RowSparseSGD, RowWiseAdagrad, build_value_optimizer,
+    VALUE_OPTIMIZERS,
+    LazyAdam,
+    LazyAdamW,
+    OptimConfig,
+    RowSparseSGD,
+    RowWiseAdagrad,
+    build_value_optimizer,
 )
 
 NUM_ROWS, DIM = 53, 37  # awkward sizes: neither is a power of two
@@ -151,14 +160,21 @@ def random_gradient(step, dtype, generator):
     """Gradients that cover the cases a pool's step sees, by step number."""
     kind = ["duplicates", "coalesced", "empty", "duplicates", "zero_row", "coalesced", "duplicates"][step]
     if kind == "empty":
-        return torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(0, DIM, dtype=dtype), (NUM_ROWS, DIM), check_invariants=True)
+        return torch.sparse_coo_tensor(
+            torch.zeros(1, 0, dtype=torch.int64),
+            torch.zeros(0, DIM, dtype=dtype),
+            (NUM_ROWS, DIM),
+            check_invariants=True,
+        )
     num_entries = int(torch.randint(8, 30, (), generator=generator))
     rows = torch.randint(0, NUM_ROWS - 5, (num_entries,), generator=generator)  # the last 5 rows: never read
     values = torch.randn(num_entries, DIM, generator=generator).to(dtype)
     if kind == "zero_row":  # a row read with a zero gradient is still a touched row
         rows[0], values[0] = NUM_ROWS - 6, 0.0
         rows[1:] = torch.where(rows[1:] == NUM_ROWS - 6, 0, rows[1:])
-    grad = torch.sparse_coo_tensor(rows[None], values, (NUM_ROWS, DIM), check_invariants=True)  # uncoalesced: several layers
+    grad = torch.sparse_coo_tensor(
+        rows[None], values, (NUM_ROWS, DIM), check_invariants=True
+    )  # uncoalesced: several layers
     return grad.coalesce() if kind == "coalesced" else grad
 
 
@@ -244,7 +260,9 @@ def test_lazy_adam_corrects_bias_per_row():
     table = torch.nn.Parameter(torch.zeros(4, 2))
     opt = LazyAdam([table], lr=0.1, betas=(0.9, 0.999), eps=1e-12)
     for row in (0, 0, 3):
-        table.grad = torch.sparse_coo_tensor(torch.tensor([[row]]), torch.tensor([[2.0, -0.5]]), (4, 2), check_invariants=True)
+        table.grad = torch.sparse_coo_tensor(
+            torch.tensor([[row]]), torch.tensor([[2.0, -0.5]]), (4, 2), check_invariants=True
+        )
         opt.step()
     torch.testing.assert_close(table.detach()[3], torch.tensor([-0.1, 0.1]))
     assert opt.state[table]["row_step"].tolist() == [2, 0, 0, 1]
@@ -272,16 +290,23 @@ def serialised(state_dict):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("kind,table_dtype,state_dtype", [
-    ("sgd", torch.float32, "fp32"),
-    ("rowwise_adagrad", torch.bfloat16, "fp32"),  # fp32 accumulators on a bf16 table
-    ("lazy_adam", torch.float32, "bf16"),  # bf16 moments on an fp32 table
-    ("lazy_adamw", torch.bfloat16, "fp32"),
-] + UNFUSED_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "kind,table_dtype,state_dtype",
+    [
+        ("sgd", torch.float32, "fp32"),
+        ("rowwise_adagrad", torch.bfloat16, "fp32"),  # fp32 accumulators on a bf16 table
+        ("lazy_adam", torch.float32, "bf16"),  # bf16 moments on an fp32 table
+        ("lazy_adamw", torch.bfloat16, "fp32"),
+    ]
+    + UNFUSED_CASES,
+    ids=lambda v: str(v).replace("torch.", ""),
+)
 def test_state_dict_round_trip_continues_identically(kind, table_dtype, state_dtype):
     generator = torch.Generator().manual_seed(2)
     grads = [random_gradient(step, table_dtype, generator) for step in range(7)]
-    tables = [torch.nn.Parameter((torch.randn(NUM_ROWS, DIM, generator=generator) * 0.5).to(table_dtype)) for _ in range(2)]
+    tables = [
+        torch.nn.Parameter((torch.randn(NUM_ROWS, DIM, generator=generator) * 0.5).to(table_dtype)) for _ in range(2)
+    ]
     opt = make_optimizer(kind, [{"params": [tables[0]]}, {"params": [tables[1]], "lr": LR / 3}], 0.1, state_dtype)
     for grad in grads[:4]:
         for t in tables:
@@ -314,8 +339,13 @@ def test_state_dict_round_trip_continues_identically(kind, table_dtype, state_dt
 def test_build_value_optimizer_maps_names_and_pools():
     pools = [ValueTable(40, 8, lr=None, weight_decay=0.0), ValueTable(40, 8, lr=2e-3, weight_decay=0.05)]
     expected = {
-        "adamw": torch.optim.AdamW, "sparse_adam": torch.optim.SparseAdam, "adagrad": torch.optim.Adagrad,
-        "rowwise_adagrad": RowWiseAdagrad, "lazy_adam": LazyAdam, "lazy_adamw": LazyAdamW, "sgd": RowSparseSGD,
+        "adamw": torch.optim.AdamW,
+        "sparse_adam": torch.optim.SparseAdam,
+        "adagrad": torch.optim.Adagrad,
+        "rowwise_adagrad": RowWiseAdagrad,
+        "lazy_adam": LazyAdam,
+        "lazy_adamw": LazyAdamW,
+        "sgd": RowSparseSGD,
     }
     assert set(expected) == set(VALUE_OPTIMIZERS)
     for name, cls in expected.items():
@@ -332,14 +362,17 @@ def test_build_value_optimizer_maps_names_and_pools():
     assert build_value_optimizer(OptimConfig(), []) is None
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["optim.value_state_dtype=fp16"], "optim.value_state_dtype"),
-    (["optim.value_optimizer=sparse_adam", "optim.value_state_dtype=bf16"], "optim.value_state_dtype"),
-    (["optim.value_optimizer=rowwise_adagrad", "optim.value_state_dtype=bf16"], "optim.value_state_dtype"),
-    (["optim.value_eps=0"], "optim.value_eps"),
-    (["optim.value_eps=-1e-8"], "optim.value_eps"),
-    (["optim.value_optimizer=lazy_sgd"], "optim.value_optimizer"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["optim.value_state_dtype=fp16"], "optim.value_state_dtype"),
+        (["optim.value_optimizer=sparse_adam", "optim.value_state_dtype=bf16"], "optim.value_state_dtype"),
+        (["optim.value_optimizer=rowwise_adagrad", "optim.value_state_dtype=bf16"], "optim.value_state_dtype"),
+        (["optim.value_eps=0"], "optim.value_eps"),
+        (["optim.value_eps=-1e-8"], "optim.value_eps"),
+        (["optim.value_optimizer=lazy_sgd"], "optim.value_optimizer"),
+    ],
+)
 def test_value_optimizer_config_errors_name_the_key(overrides, key):
     from memray.train import load_run_config
 
@@ -350,7 +383,10 @@ def test_value_optimizer_config_errors_name_the_key(overrides, key):
 
 
 def test_value_optimizer_config_direct_construction_is_checked():
-    for kwargs, key in (({"value_optimizer": "lion"}, "value_optimizer"), ({"value_state_dtype": "fp16"}, "value_state_dtype")):
+    for kwargs, key in (
+        ({"value_optimizer": "lion"}, "value_optimizer"),
+        ({"value_state_dtype": "fp16"}, "value_state_dtype"),
+    ):
         with pytest.raises(ConfigError) as info:
             OptimConfig(**kwargs)
         assert info.value.key == key
@@ -386,8 +422,20 @@ def test_bench_value_step_smoke(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_value_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    summary = bench.main(["--log2-rows", "12", "--reps", "1", "--out", str(tmp_path),
-                          "--methods", "torch_sparse_adam", "memray_rowwise_adagrad", "memray_lazy_adamw"])
+    summary = bench.main(
+        [
+            "--log2-rows",
+            "12",
+            "--reps",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--methods",
+            "torch_sparse_adam",
+            "memray_rowwise_adagrad",
+            "memray_lazy_adamw",
+        ]
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
     csv_text = (tmp_path / "bench_value_step.csv").read_text()
     assert csv_text.startswith("log2_rows,method,ms") and "copy_floor" in csv_text

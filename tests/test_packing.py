@@ -1,4 +1,5 @@
 """Packed batches: deterministic, disjoint per rank, independent of the number of ranks."""
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -58,13 +59,17 @@ def test_an_epoch_holds_every_token_and_resumes_exactly():
     resumed.position = type(batches.position)(batches.position.epoch, batches.position.batch - 3)
     assert all(torch.equal(a, resumed.next()[0]) for a in order_a)
     assert batches.position.epoch == 1  # epochs reshuffle by seed
-    assert not torch.equal(PackedBatches(docs, 16, 1, PAD, seed=4).next()[0], PackedBatches(docs, 16, 1, PAD, seed=3).next()[0])
+    assert not torch.equal(
+        PackedBatches(docs, 16, 1, PAD, seed=4).next()[0], PackedBatches(docs, 16, 1, PAD, seed=3).next()[0]
+    )
 
 
 def test_padding_is_ignored_and_rows_do_not_split_short_documents():
     docs = [[97, 1, 2, 98], [97, 3, 98], [97, 4, 5, 6, 7, 98]]
     inputs, targets = PackedBatches(docs, 7, 2, PAD, seed=0).next()
-    assert (targets == IGNORE_INDEX).sum() == (inputs == PAD).sum() + (targets == IGNORE_INDEX).logical_and(inputs != PAD).sum()
+    assert (targets == IGNORE_INDEX).sum() == (inputs == PAD).sum() + (targets == IGNORE_INDEX).logical_and(
+        inputs != PAD
+    ).sum()
     for row in torch.cat([inputs, targets[:, -1:]], dim=1).tolist():
         body = [t for t in row if t != PAD]
         # whole documents only: each BOS has its EOS in the same row

@@ -1,4 +1,5 @@
 """`memray plan`: per-rank memory and all-to-all traffic of a sharded value table, on paper."""
+
 import json
 import subprocess
 import sys
@@ -6,7 +7,13 @@ import sys
 import pytest
 
 from memray.distributed.plan import (
-    BYTE_UNITS, balanced_ranges, expected_owners, fewest_ranks, lookup_traffic, make_plan, parse_quantity,
+    BYTE_UNITS,
+    balanced_ranges,
+    expected_owners,
+    fewest_ranks,
+    lookup_traffic,
+    make_plan,
+    parse_quantity,
     per_rank_memory,
 )
 from memray.errors import UserError
@@ -16,8 +23,9 @@ PAPER = dict(memory_params=128 * 10**9, value_dim=4096, gpu_mem=80 * GIB, dense_
 
 
 def run_plan(*args):
-    return subprocess.run([sys.executable, "-m", "memray.cli", "plan", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "memray.cli", "plan", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("n,w", [(10, 3), (7, 7), (100, 8), (5, 1), (13, 4)])
@@ -45,12 +53,14 @@ def test_expected_owners_limits():
 def test_lookup_traffic_hand_computed():
     # W=2, T=10, L=3, D=8, fp32: off-rank entries 15, bags 10·(1−1/8)·8·4 = 280.
     row = lookup_traffic("row", 2, 10, 3, 8, 4)
-    assert row == pytest.approx({"forward_bytes": 12 * 15 + 280, "backward_bytes": 280 + 4 * 15,
-                                 "total_bytes": 800, "bytes_per_token": 80})
+    assert row == pytest.approx(
+        {"forward_bytes": 12 * 15 + 280, "backward_bytes": 280 + 4 * 15, "total_bytes": 800, "bytes_per_token": 80}
+    )
     # all-gathered entries 30, output slices 10·8·4/2 = 160.
     column = lookup_traffic("column", 2, 10, 3, 8, 4)
-    assert column == pytest.approx({"forward_bytes": 12 * 30 + 160, "backward_bytes": 160 + 4 * 30,
-                                    "total_bytes": 800, "bytes_per_token": 80})
+    assert column == pytest.approx(
+        {"forward_bytes": 12 * 30 + 160, "backward_bytes": 160 + 4 * 30, "total_bytes": 800, "bytes_per_token": 80}
+    )
     # W=4, T=2, L=2, D=4, 2-byte bags: E_off = 3·(1 − 9/16) = 21/16, bags 2·21/16·4·2 = 21; entries 3.
     assert lookup_traffic("row", 4, 2, 2, 4, 2)["total_bytes"] == pytest.approx(36 + 21 + 21 + 12)
     # entries 12, output slices 2·4·2·3/4 = 12.
@@ -79,11 +89,23 @@ def test_per_rank_memory_hand_computed():
     # 10 rows x 4 over 3 ranks, T = 3 tokens per rank, L = 4 (> W); lazy_adam fp32 state; 3 dense params.
     kw = dict(memory_layers=1, value_bytes=2, optimizer="lazy_adam", dense_params=3)
     row = per_rank_memory("row", 3, 10, 4, 3, 4, **kw)  # 4 rows x 4 cols owned
-    assert row == {"values": 32, "optimizer": 16 * 8 + 4 * 4, "value_grad": 0,
-                   "buffers": 2 * (12 * 3 * 4 + 3 * 3 * 4 * 4), "dense": 6 + 12, "total": 32 + 144 + 576 + 18}
+    assert row == {
+        "values": 32,
+        "optimizer": 16 * 8 + 4 * 4,
+        "value_grad": 0,
+        "buffers": 2 * (12 * 3 * 4 + 3 * 3 * 4 * 4),
+        "dense": 6 + 12,
+        "total": 32 + 144 + 576 + 18,
+    }
     column = per_rank_memory("column", 3, 10, 4, 3, 4, **kw)  # 10 rows x 2 cols owned
-    assert column == {"values": 40, "optimizer": 20 * 8 + 10 * 4, "value_grad": 0,
-                      "buffers": 12 * 3 * 3 * 4 + 3 * 3 * 2 * 4 + 3 * 4 * 4, "dense": 18, "total": 40 + 200 + 552 + 18}
+    assert column == {
+        "values": 40,
+        "optimizer": 20 * 8 + 10 * 4,
+        "value_grad": 0,
+        "buffers": 12 * 3 * 3 * 4 + 3 * 3 * 2 * 4 + 3 * 4 * 4,
+        "dense": 18,
+        "total": 40 + 200 + 552 + 18,
+    }
     adamw = per_rank_memory("row", 3, 10, 4, 3, 4, **{**kw, "optimizer": "adamw", "pools": 2})
     assert (adamw["values"], adamw["optimizer"], adamw["value_grad"]) == (64, 2 * 16 * 8, 64)
 
@@ -114,17 +136,26 @@ def test_make_plan_reports_both_layouts():
     for name, entry in plan["layouts"].items():
         assert entry["fits"] and entry["world"] == entry["fewest_ranks"]
         assert entry["traffic"]["total_bytes"] == pytest.approx(
-            3 * lookup_traffic(name, entry["world"], entry["tokens_per_rank"], 128, 4096)["total_bytes"])
+            3 * lookup_traffic(name, entry["world"], entry["tokens_per_rank"], 128, 4096)["total_bytes"]
+        )
     assert plan["fewest"] == {"ranks": plan["layouts"]["column"]["world"], "layout": "column"}
     at = make_plan(**PAPER, world=5000)  # more ranks than value columns: no column layout
     assert at["layouts"]["row"]["world"] == 5000 and at["layouts"]["column"]["memory"] is None
     assert at["fewest"] == plan["fewest"]
 
 
-@pytest.mark.parametrize("text,units,value", [
-    ("128e9", None, 128 * 10**9), ("1.07B", None, 1_070_000_000), ("4M", None, 4_000_000), ("2000", None, 2000),
-    ("80GiB", BYTE_UNITS, 80 * GIB), ("80GB", BYTE_UNITS, 80 * 10**9), ("85899345920", BYTE_UNITS, 80 * GIB),
-])
+@pytest.mark.parametrize(
+    "text,units,value",
+    [
+        ("128e9", None, 128 * 10**9),
+        ("1.07B", None, 1_070_000_000),
+        ("4M", None, 4_000_000),
+        ("2000", None, 2000),
+        ("80GiB", BYTE_UNITS, 80 * GIB),
+        ("80GB", BYTE_UNITS, 80 * 10**9),
+        ("85899345920", BYTE_UNITS, 80 * GIB),
+    ],
+)
 def test_parse_quantity(text, units, value):
     assert (parse_quantity(text, "--x", units) if units else parse_quantity(text, "--x")) == value
 
@@ -146,12 +177,15 @@ def test_cli_prints_fewest_gpus_and_json():
     assert json.loads(as_json.stdout)["fewest"] == fewest
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--memory-params", "128e9", "--gpu-mem", "eighty"], "--gpu-mem"),
-    (["--memory-params", "-1", "--gpu-mem", "80GiB"], "--memory-params"),
-    (["--memory-params", "1000", "--gpu-mem", "80GiB"], "--value-dim"),  # D = 4096 > 1000 params
-    (["--memory-params", "128e9", "--gpu-mem", "80GiB", "--world", "0"], "--world"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--memory-params", "128e9", "--gpu-mem", "eighty"], "--gpu-mem"),
+        (["--memory-params", "-1", "--gpu-mem", "80GiB"], "--memory-params"),
+        (["--memory-params", "1000", "--gpu-mem", "80GiB"], "--value-dim"),  # D = 4096 > 1000 params
+        (["--memory-params", "128e9", "--gpu-mem", "80GiB", "--world", "0"], "--world"),
+    ],
+)
 def test_cli_bad_values_exit_2_with_one_line(args, needle):
     result = run_plan(*args)
     assert result.returncode == 2, result.stderr

@@ -1,6 +1,7 @@
 """Ray orchestration: a local head and the Jobs API end to end, a worker killed mid-run, elastic
 restarts, and bad addresses. Each Ray instance here is stopped by what started it: the head by
 `memray cluster down` (its own process group), the embedded one by ray.shutdown()."""
+
 import json
 import os
 import signal
@@ -25,8 +26,9 @@ def _free_port() -> int:
 
 def _cli(*args, env=None, timeout=300):
     env = {**(env or os.environ), "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "memray.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "memray.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def _one_line_error(result, needle):
@@ -57,8 +59,23 @@ def test_cluster_submit_logs_status_checkpoint_down(isolated_env, tmp_path):
     try:
         assert oct(os.stat(tmp_path / "home" / "auth_token").st_mode & 0o777) == "0o600"
         run = tmp_path / "run"
-        submitted = _cli("submit", "tiny", "--address", address, "--workers", "2", "--set", "distributed.zero_stage=2",
-                         "--set", "model.memory.layout=row", "--run-dir", str(run), "--submission-id", "e2e-1", env=env)
+        submitted = _cli(
+            "submit",
+            "tiny",
+            "--address",
+            address,
+            "--workers",
+            "2",
+            "--set",
+            "distributed.zero_stage=2",
+            "--set",
+            "model.memory.layout=row",
+            "--run-dir",
+            str(run),
+            "--submission-id",
+            "e2e-1",
+            env=env,
+        )
         assert submitted.returncode == 0, submitted.stderr[-3000:]
         assert "step 20 loss" in submitted.stdout  # the job's logs streamed while it ran
         logs = _cli("logs", "e2e-1", "--address", address, env=env)
@@ -74,8 +91,22 @@ def test_cluster_submit_logs_status_checkpoint_down(isolated_env, tmp_path):
         assert [j["job_id"] for j in listed] == ["e2e-1"]
         _one_line_error(_cli("status", "no-such-job", "--address", address, env=env), "no job 'no-such-job'")
         # a long job stopped while it runs
-        long = _cli("submit", "tiny", "--address", address, "--workers", "2", "--set", "train.steps=100000",
-                    "--run-dir", str(tmp_path / "long"), "--submission-id", "long-1", "--no-wait", env=env)
+        long = _cli(
+            "submit",
+            "tiny",
+            "--address",
+            address,
+            "--workers",
+            "2",
+            "--set",
+            "train.steps=100000",
+            "--run-dir",
+            str(tmp_path / "long"),
+            "--submission-id",
+            "long-1",
+            "--no-wait",
+            env=env,
+        )
         assert long.returncode == 0 and long.stdout.strip() == "long-1", long.stderr
         assert _cli("stop", "long-1", "--address", address, env=env).returncode == 0
         for _ in range(60):
@@ -86,8 +117,18 @@ def test_cluster_submit_logs_status_checkpoint_down(isolated_env, tmp_path):
         assert state == "STOPPED"
         # more workers than the cluster's CPUs: an error naming the key, not a wait for resources
         started = time.monotonic()
-        too_many = _cli("train", "tiny", "--workers", "3", "--address", f"127.0.0.1:{port}", "--run-dir",
-                        str(tmp_path / "r3"), env=env, timeout=120)
+        too_many = _cli(
+            "train",
+            "tiny",
+            "--workers",
+            "3",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--run-dir",
+            str(tmp_path / "r3"),
+            env=env,
+            timeout=120,
+        )
         _one_line_error(too_many, "distributed.workers")
         assert time.monotonic() - started < 60
     finally:
@@ -135,8 +176,16 @@ def uninterrupted(tmp_path_factory):
     from memray.train import train_local
 
     run = tmp_path_factory.mktemp("reference") / "run"
-    config = load_run_config("tiny", [*TINY, "train.steps=30", "train.checkpoint_every=10", "distributed.workers=2",
-                                      "distributed.launcher=processes"])
+    config = load_run_config(
+        "tiny",
+        [
+            *TINY,
+            "train.steps=30",
+            "train.checkpoint_every=10",
+            "distributed.workers=2",
+            "distributed.launcher=processes",
+        ],
+    )
     train_local(config, run)
     return run
 
@@ -145,8 +194,10 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(embedded_ray, uninter
     from memray.launch.ray_train import train_on_ray
 
     run = tmp_path / "run"
-    config = load_run_config("tiny", [*TINY, "train.steps=30", "train.checkpoint_every=10", "distributed.workers=2",
-                                      "distributed.max_failures=1"])
+    config = load_run_config(
+        "tiny",
+        [*TINY, "train.steps=30", "train.checkpoint_every=10", "distributed.workers=2", "distributed.max_failures=1"],
+    )
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=train_on_ray(config, run)))
     thread.start()
@@ -178,7 +229,11 @@ def test_ingest_as_ray_tasks_writes_the_local_shards(embedded_ray, tmp_path):
     local = ingest(sources, tmp_path / "local", workers=1)
     on_ray = ingest(sources, tmp_path / "ray", map_files=map_files)
     assert [s["sha256"] for s in on_ray["shards"]] == [s["sha256"] for s in local["shards"]]
-    assert on_ray["totals"] == local["totals"] == {"read": 153, "written": 150, "rejected": 3, "tokens": local["totals"]["tokens"]}
+    assert (
+        on_ray["totals"]
+        == local["totals"]
+        == {"read": 153, "written": 150, "rejected": 3, "tokens": local["totals"]["tokens"]}
+    )
     # a malformed record found by a task comes back as the one-line input error, not a Ray traceback
     from memray.errors import InputError
 
@@ -199,8 +254,17 @@ def test_elastic_resume_on_other_worker_counts(embedded_ray, uninterrupted, work
     data = load_run_config("tiny").data
     write_facts(tmp_path / "facts.jsonl", generate_facts(data.num_entities, data.num_attributes, data.seed))
     monkeypatch.chdir(tmp_path)
-    config = load_run_config("tiny", [*TINY, "train.steps=30", f"distributed.workers={workers}",
-                                      f"model.memory.layout={layout}", "data.source=facts", "data.path=facts.jsonl"])
+    config = load_run_config(
+        "tiny",
+        [
+            *TINY,
+            "train.steps=30",
+            f"distributed.workers={workers}",
+            f"model.memory.layout={layout}",
+            "data.source=facts",
+            "data.path=facts.jsonl",
+        ],
+    )
     result = train_on_ray(config, tmp_path / "run", resume=uninterrupted / "checkpoints" / "step-00000020")
     assert result["step"] == 30
     resumed = _metrics(tmp_path / "run")
@@ -220,7 +284,10 @@ def test_cluster_definitions_keep_token_auth():
     launcher = yaml.safe_load((root / "gpu-cluster.yaml").read_text())
     assert launcher["head_node_type"] in launcher["available_node_types"]
     assert any(t.get("resources", {}).get("GPU") == 8 for t in launcher["available_node_types"].values())
-    assert all("RAY_AUTH_MODE=token" in c for c in launcher["head_start_ray_commands"][1:] + launcher["worker_start_ray_commands"][1:])
+    assert all(
+        "RAY_AUTH_MODE=token" in c
+        for c in launcher["head_start_ray_commands"][1:] + launcher["worker_start_ray_commands"][1:]
+    )
     cluster, claim = yaml.safe_load_all((root / "kuberay-raycluster.yaml").read_text())
     assert cluster["kind"] == "RayCluster" and cluster["spec"]["authOptions"]["mode"] == "token"
     assert cluster["spec"]["rayVersion"] == "2.60.0" and claim["spec"]["accessModes"] == ["ReadWriteMany"]

@@ -1,4 +1,5 @@
 """Resuming: exact at the same world size, continuing from the same state on another."""
+
 import json
 import os
 import subprocess
@@ -19,8 +20,13 @@ def _losses(run_dir):
 
 def _cli(*args):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "memray.cli", *args, *(LOCAL if args[0] == "train" else [])],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "memray.cli", *args, *(LOCAL if args[0] == "train" else [])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_single_process_resume_is_exact(tmp_path):
@@ -36,8 +42,18 @@ def test_single_process_resume_is_exact(tmp_path):
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "two"
-    result = _cli("train", "tiny", "--workers", "2", "--set", "distributed.zero_stage=2", "--run-dir", str(run),
-                  "--no-progress", *SAVE)
+    result = _cli(
+        "train",
+        "tiny",
+        "--workers",
+        "2",
+        "--set",
+        "distributed.zero_stage=2",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        *SAVE,
+    )
     assert result.returncode == 0, result.stderr
     return run
 
@@ -48,9 +64,23 @@ def test_resume_on_any_world_size(two_rank_run, workers, tolerance, tmp_path):
     rows and columns and continues from the same state: equal up to the rounding of sums taken
     in another order (tests/test_ray.py resumes on 3 and 1 Ray workers too)."""
     layout = "column" if workers == 3 else "row"
-    result = _cli("train", "tiny", "--workers", str(workers), "--set", "distributed.zero_stage=2", "--set",
-                  f"model.memory.layout={layout}", "--run-dir", str(tmp_path / "r"), "--no-progress", "--set",
-                  "train.log_every=1", "--resume", str(two_rank_run / "checkpoints" / "step-00000010"))
+    result = _cli(
+        "train",
+        "tiny",
+        "--workers",
+        str(workers),
+        "--set",
+        "distributed.zero_stage=2",
+        "--set",
+        f"model.memory.layout={layout}",
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--no-progress",
+        "--set",
+        "train.log_every=1",
+        "--resume",
+        str(two_rank_run / "checkpoints" / "step-00000010"),
+    )
     assert result.returncode == 0, result.stderr
     resumed, uninterrupted = _losses(tmp_path / "r"), _losses(two_rank_run)[10:]
     assert len(resumed) == 10
@@ -66,9 +96,13 @@ def test_resume_refuses_damage_and_zero3(two_rank_run, tmp_path):
     data = bytearray(chunk.read_bytes())
     data[0] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    for extra, needle in ((["--set", "distributed.zero_stage=2"], "'layer1/optim.exp_avg' chunk 1/0"),
-                          (["--set", "distributed.zero_stage=3"], "distributed.zero_stage")):
-        result = _cli("train", "tiny", "--workers", "2", *extra, "--run-dir", str(tmp_path / "r"), "--resume", str(ckpt))
+    for extra, needle in (
+        (["--set", "distributed.zero_stage=2"], "'layer1/optim.exp_avg' chunk 1/0"),
+        (["--set", "distributed.zero_stage=3"], "distributed.zero_stage"),
+    ):
+        result = _cli(
+            "train", "tiny", "--workers", "2", *extra, "--run-dir", str(tmp_path / "r"), "--resume", str(ckpt)
+        )
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
 
@@ -76,14 +110,41 @@ def test_resume_refuses_damage_and_zero3(two_rank_run, tmp_path):
 def test_async_checkpoints_equal_the_state_at_their_step(two_rank_run, tmp_path):
     """Checkpoints written by a thread while training went on hold the state of their own step:
     resuming from the step-10 one reproduces the uninterrupted losses exactly."""
-    result = _cli("train", "tiny", "--workers", "2", "--set", "distributed.zero_stage=2", "--run-dir", str(tmp_path / "a"),
-                  "--no-progress", *SAVE, "--set", "train.checkpoint_every=5", "--set", "train.async_checkpoint=true")
+    result = _cli(
+        "train",
+        "tiny",
+        "--workers",
+        "2",
+        "--set",
+        "distributed.zero_stage=2",
+        "--run-dir",
+        str(tmp_path / "a"),
+        "--no-progress",
+        *SAVE,
+        "--set",
+        "train.checkpoint_every=5",
+        "--set",
+        "train.async_checkpoint=true",
+    )
     assert result.returncode == 0, result.stderr
     assert _losses(tmp_path / "a") == _losses(two_rank_run)  # saving in the background changes nothing
     steps = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
     assert steps == ["step-00000005", "step-00000010", "step-00000015", "step-00000020"]
     assert _cli("verify", str(tmp_path / "a" / "checkpoints" / "step-00000015")).returncode == 0
-    resumed = _cli("train", "tiny", "--workers", "2", "--set", "distributed.zero_stage=2", "--run-dir", str(tmp_path / "b"),
-                   "--no-progress", "--set", "train.log_every=1", "--resume", str(tmp_path / "a" / "checkpoints" / "step-00000010"))
+    resumed = _cli(
+        "train",
+        "tiny",
+        "--workers",
+        "2",
+        "--set",
+        "distributed.zero_stage=2",
+        "--run-dir",
+        str(tmp_path / "b"),
+        "--no-progress",
+        "--set",
+        "train.log_every=1",
+        "--resume",
+        str(tmp_path / "a" / "checkpoints" / "step-00000010"),
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert _losses(tmp_path / "b") == _losses(two_rank_run)[10:]

@@ -3,6 +3,7 @@
 Each world size runs in one spawn; inside it every case checks both layouts. Rows (49) and the
 value dim (29) are divisible by none of the world sizes 2, 3, 4.
 """
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -32,9 +33,13 @@ def _layer_case(ctx, layout: str, tokens_per_rank: list[int]) -> dict:
     torch.manual_seed(0)
     reference = ProductKeyMemory(DIM, CONFIG)
     torch.manual_seed(0)
-    table = ShardedValueTable(CONFIG.num_slots, V_DIM, group=ctx.memory_group, layout=layout, init_seed=reference.values.init_seed)
+    table = ShardedValueTable(
+        CONFIG.num_slots, V_DIM, group=ctx.memory_group, layout=layout, init_seed=reference.values.init_seed
+    )
     sharded = ProductKeyMemory(DIM, CONFIG, values=table)
-    sharded.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("value_table.")}, strict=False)
+    sharded.load_state_dict(
+        {k: v for k, v in reference.state_dict().items() if not k.startswith("value_table.")}, strict=False
+    )
     errors = {"init": (table.weight - _shard_of(reference.values.weight, table)).abs().max().item()}
 
     generator = torch.Generator().manual_seed(1)
@@ -53,8 +58,17 @@ def _layer_case(ctx, layout: str, tokens_per_rank: list[int]) -> dict:
     for (name, p), p_ref in zip(sharded.named_parameters(), reference.parameters()):
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
         if p is table.weight:
-            errors["values"] = (_dense(grad) - _dense(reference.values.weight.grad).__getitem__(
-                (slice(*table.row_range), slice(*table.col_range)))).abs().max().item()
+            errors["values"] = (
+                (
+                    _dense(grad)
+                    - _dense(reference.values.weight.grad).__getitem__(
+                        (slice(*table.row_range), slice(*table.col_range))
+                    )
+                )
+                .abs()
+                .max()
+                .item()
+            )
             continue
         grad = grad.clone()
         dist.all_reduce(grad)

@@ -1,4 +1,5 @@
 """The single-process training loop on the tiny config."""
+
 import json
 
 import pytest
@@ -24,7 +25,9 @@ def test_loss_falls_and_runs_repeat_exactly(tmp_path):
     assert sum(a[-3:]) / 3 < 0.8 * sum(a[:3]) / 3
 
 
-@pytest.mark.parametrize("optimizer", ["sparse_adam", "adagrad", "sgd", "adamw", "rowwise_adagrad", "lazy_adam", "lazy_adamw"])
+@pytest.mark.parametrize(
+    "optimizer", ["sparse_adam", "adagrad", "sgd", "adamw", "rowwise_adagrad", "lazy_adam", "lazy_adamw"]
+)
 def test_value_step_touches_only_rows_read(tmp_path, optimizer):
     trainer = tiny(tmp_path, f"optim.value_optimizer={optimizer}", "model.memory.value_weight_decay=0.0")
     table = trainer.model.pools["layer1"]

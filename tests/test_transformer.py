@@ -1,4 +1,5 @@
 """The transformer around memory layers: initialisation, pools, causality, MoE, checkpoint load."""
+
 import math
 
 import pytest
@@ -8,9 +9,16 @@ from memray.model import MemoryConfig, ModelConfig, MoEConfig, ProductKeyMemory,
 
 
 def small_config(**overrides):
-    base = dict(vocab_size=259, dim=32, n_layers=4, n_heads=2, max_seq_len=32, memory_layers=[1, 2, 3],
-                memory_pools={"shared": [1, 3]}, memory=MemoryConfig(n_keys=6, heads=2, knn=4, k_dim=8, gate=True,
-                                                                     qk_norm=True, query_layernorm=True))
+    base = dict(
+        vocab_size=259,
+        dim=32,
+        n_layers=4,
+        n_heads=2,
+        max_seq_len=32,
+        memory_layers=[1, 2, 3],
+        memory_pools={"shared": [1, 3]},
+        memory=MemoryConfig(n_keys=6, heads=2, knn=4, k_dim=8, gate=True, qk_norm=True, query_layernorm=True),
+    )
     base.update(overrides)
     return ModelConfig(**base)
 

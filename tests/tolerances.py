@@ -1,4 +1,5 @@
 """One table of comparison tolerances for every numerical test (house rule 2)."""
+
 import torch
 
 TOL = {

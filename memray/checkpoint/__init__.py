@@ -6,6 +6,7 @@ sharded run ``memory.zarr/`` (the value pools, written shard by shard: ``sharded
 written into a temporary sibling, fsynced and renamed, so a crash never leaves a half-written
 directory that readers take for a checkpoint; readers ignore directories without ``COMMITTED``.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save_checkpoint(root: Path, step: int, state_dict: dict[str, torch.Tensor], config_yaml: str, keep_last: int = 0) -> Path:
+def save_checkpoint(
+    root: Path, step: int, state_dict: dict[str, torch.Tensor], config_yaml: str, keep_last: int = 0
+) -> Path:
     """Write ``root/step-XXXXXXXX`` atomically; keep the newest ``keep_last`` (0: all)."""
     tmp = begin_checkpoint(root, step, fresh=True)
     files = write_weights(tmp, state_dict, config_yaml)

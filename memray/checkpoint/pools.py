@@ -18,6 +18,7 @@ files are written and read directly (the arrays' only codec is little-endian ``b
 chunk file is the chunk's raw bytes); zarr creates the metadata, and any Zarr v3 reader reads
 the arrays.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -71,8 +72,9 @@ def _to_row_layout(local: torch.Tensor, table, group) -> torch.Tensor:
     send = torch.cat([local[a:b].reshape(-1) for a, b in ranges])
     mine = ranges[table.rank][1] - ranges[table.rank][0]
     recv = send.new_empty(mine * table.dim)
-    dist.all_to_all_single(recv, send, [mine * w for w in table.col_widths], [(b - a) * width for a, b in ranges],
-                           group=group)
+    dist.all_to_all_single(
+        recv, send, [mine * w for w in table.col_widths], [(b - a) * width for a, b in ranges], group=group
+    )
     pieces = recv.split([mine * w for w in table.col_widths])
     return torch.cat([p.view(mine, w) for p, w in zip(pieces, table.col_widths)], dim=1)
 
@@ -101,8 +103,9 @@ def _with_next_rows(rows: torch.Tensor, ranges, chunk_rows: int, rank: int, grou
     return torch.cat([rows[head:], recv.view(-1, *rows.shape[1:])])
 
 
-def prepare_pool(store: Path, name: str, tensors: dict[str, torch.Tensor], table, group=None,
-                 snapshot: bool = False) -> list[tuple[str, int, int, int, np.ndarray]]:
+def prepare_pool(
+    store: Path, name: str, tensors: dict[str, torch.Tensor], table, group=None, snapshot: bool = False
+) -> list[tuple[str, int, int, int, np.ndarray]]:
     """The collective half of writing this rank's part of pool ``name`` (``tensors``: key -> this
     rank's shard, as ``table`` holds it): array metadata (rank 0), the rows exchanged so this
     rank holds whole chunks. Returns (array path, first chunk, chunk rows, array ndim, rows
@@ -125,8 +128,13 @@ def prepare_pool(store: Path, name: str, tensors: dict[str, torch.Tensor], table
         sample, dtype_name = _to_numpy(rows[:0])
         if rank == 0:
             array = zarr.open_group(str(store), mode="a").create_array(
-                array_path, shape=shape, chunks=(chunk_rows, *shape[1:]), dtype=sample.dtype, compressors=None,
-                fill_value=0, overwrite=True,
+                array_path,
+                shape=shape,
+                chunks=(chunk_rows, *shape[1:]),
+                dtype=sample.dtype,
+                compressors=None,
+                fill_value=0,
+                overwrite=True,
             )
             array.attrs["memray_dtype"] = dtype_name
         if world > 1:
@@ -137,8 +145,15 @@ def prepare_pool(store: Path, name: str, tensors: dict[str, torch.Tensor], table
         # now rows = global rows [first chunk * chunk_rows, ...): whole chunks, the first one
         # starting in my range
         data, _ = _to_numpy(rows)
-        jobs.append((array_path, -(-my_start // chunk_rows), chunk_rows, len(shape),
-                     data.astype(data.dtype.newbyteorder("<"), copy=False)))
+        jobs.append(
+            (
+                array_path,
+                -(-my_start // chunk_rows),
+                chunk_rows,
+                len(shape),
+                data.astype(data.dtype.newbyteorder("<"), copy=False),
+            )
+        )
     return jobs
 
 
@@ -151,7 +166,7 @@ def write_chunks(store: Path, jobs) -> dict[str, str]:
         begin = first_chunk * chunk_rows
 
         def write_chunk(chunk: int) -> tuple[str, str]:
-            block = data[chunk * chunk_rows - begin:(chunk + 1) * chunk_rows - begin]
+            block = data[chunk * chunk_rows - begin : (chunk + 1) * chunk_rows - begin]
             if block.shape[0] < chunk_rows:
                 block = np.concatenate([block, np.zeros((chunk_rows - block.shape[0], *block.shape[1:]), block.dtype)])
             raw = memoryview(np.ascontiguousarray(block)).cast("B")  # no copy for whole chunks
@@ -186,8 +201,9 @@ def verify_chunks(store: Path, checksums: dict[str, str]) -> None:
             raise InputError(f"checkpoint {store.parent}: array '{array}' chunk {chunk} is damaged (checksum mismatch)")
 
 
-def read_rows(store: Path, name: str, key: str, rows: tuple[int, int], cols: tuple[int, int] | None,
-              checksums: dict[str, str]) -> torch.Tensor:
+def read_rows(
+    store: Path, name: str, key: str, rows: tuple[int, int], cols: tuple[int, int] | None, checksums: dict[str, str]
+) -> torch.Tensor:
     """Rows ``[a, b)`` (and columns ``[c, d)`` of a 2-D array) of ``<name>/<key>``: each chunk
     holding them is read once, checked against its SHA-256 and copied out."""
     array_path = f"{name}/{key}"
@@ -199,33 +215,42 @@ def read_rows(store: Path, name: str, key: str, rows: tuple[int, int], cols: tup
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise InputError(f"checkpoint {store.parent}: array '{array_path}' cannot be opened ({exc})") from None
     if meta.get("codecs") != [{"name": "bytes", "configuration": {"endian": "little"}}]:
-        raise InputError(f"checkpoint {store.parent}: array '{array_path}' has codecs {meta.get('codecs')}, "
-                         "not the raw little-endian chunks memray writes")
+        raise InputError(
+            f"checkpoint {store.parent}: array '{array_path}' has codecs {meta.get('codecs')}, "
+            "not the raw little-endian chunks memray writes"
+        )
     whole_rows = len(shape) == 1 or cols is None or tuple(cols) == (0, shape[1])
     index = (slice(None),) if whole_rows else (slice(None), slice(*cols))
     width = shape[1:] if len(index) == 1 else [cols[1] - cols[0]]
     # torch's allocator backs large tensors with huge pages: far fewer page faults than numpy's
     native = dtype.newbyteorder("=")
     out = torch.empty((rows[1] - rows[0], *width), dtype=torch.from_numpy(np.zeros(0, native)).dtype).numpy()
+
     def read_chunk(chunk: int) -> None:
         rel = f"{array_path}/c/{chunk}" + ("/0" if len(shape) == 2 else "")
         path = store / rel
         if rel not in checksums:
-            raise InputError(f"checkpoint {store.parent}: array '{array_path}' chunk {rel.split('/c/')[1]} is not in the manifest")
+            raise InputError(
+                f"checkpoint {store.parent}: array '{array_path}' chunk {rel.split('/c/')[1]} is not in the manifest"
+            )
         if not path.is_file():
             raise InputError(f"checkpoint {store.parent}: array '{array_path}' chunk {rel.split('/c/')[1]} is missing")
         lo, hi = max(rows[0], chunk * chunk_rows), min(rows[1], (chunk + 1) * chunk_rows)
         whole = lo == chunk * chunk_rows and hi - lo == chunk_rows and len(index) == 1
         # a whole chunk of whole rows is read straight into the output; others through a buffer
-        raw = memoryview(out[lo - rows[0]:hi - rows[0]]).cast("B") if whole else bytearray(path.stat().st_size)
+        raw = memoryview(out[lo - rows[0] : hi - rows[0]]).cast("B") if whole else bytearray(path.stat().st_size)
         with open(path, "rb") as handle:
             complete = handle.readinto(raw) == len(raw) and not handle.read(1)
         if not complete or hashlib.sha256(raw).hexdigest() != checksums[rel]:
-            raise InputError(f"checkpoint {store.parent}: array '{array_path}' chunk {rel.split('/c/')[1]} is damaged "
-                             "(checksum mismatch)")
+            raise InputError(
+                f"checkpoint {store.parent}: array '{array_path}' chunk {rel.split('/c/')[1]} is damaged "
+                "(checksum mismatch)"
+            )
         if not whole:
             block = np.frombuffer(raw, dtype=dtype).reshape(chunk_rows, *shape[1:])
-            out[lo - rows[0]:hi - rows[0]] = block[(slice(lo - chunk * chunk_rows, hi - chunk * chunk_rows), *index[1:])]
+            out[lo - rows[0] : hi - rows[0]] = block[
+                (slice(lo - chunk * chunk_rows, hi - chunk * chunk_rows), *index[1:])
+            ]
 
     _in_threads(read_chunk, range(rows[0] // chunk_rows, -(-rows[1] // chunk_rows)))
     return _from_numpy(out, memray_dtype)

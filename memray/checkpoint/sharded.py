@@ -6,6 +6,7 @@
 and of every chunk, written last after all ranks finished. The group's attributes record the
 step, the saving world size and layout and each pool's shape, so a reader needs nothing else.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,23 +26,51 @@ from .pools import STORE, prepare_pool, read_rows, verify_chunks, write_chunks
 OPTIMIZER = "optimizer.safetensors"
 
 
-def save_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch.Tensor] | None, config_yaml: str,
-                            pools: dict, *, group=None, keep_last: int = 0, attrs: dict | None = None,
-                            dense_optimizer: dict[str, torch.Tensor] | None = None) -> Path:
+def save_sharded_checkpoint(
+    root: Path,
+    step: int,
+    dense_state: dict[str, torch.Tensor] | None,
+    config_yaml: str,
+    pools: dict,
+    *,
+    group=None,
+    keep_last: int = 0,
+    attrs: dict | None = None,
+    dense_optimizer: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Collective over ``group``: ``pools`` maps name -> (table, {key: this rank's tensor}).
 
     Rank 0 writes the dense weights (``dense_state``) and the dense optimizer's tensors
     (``dense_optimizer``, to ``optimizer.safetensors``; both ignored elsewhere) and commits once
     every rank's chunks are written. Returns the checkpoint directory.
     """
-    return start_sharded_checkpoint(root, step, dense_state, config_yaml, pools, group=group, keep_last=keep_last,
-                                    attrs=attrs, dense_optimizer=dense_optimizer).finish()
+    return start_sharded_checkpoint(
+        root,
+        step,
+        dense_state,
+        config_yaml,
+        pools,
+        group=group,
+        keep_last=keep_last,
+        attrs=attrs,
+        dense_optimizer=dense_optimizer,
+    ).finish()
 
 
-def start_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch.Tensor] | None, config_yaml: str,
-                             pools: dict, *, group=None, keep_last: int = 0, attrs: dict | None = None,
-                             dense_optimizer: dict[str, torch.Tensor] | None = None,
-                             background: bool = False, extra_files: dict[str, Path] | None = None) -> "PendingCheckpoint":
+def start_sharded_checkpoint(
+    root: Path,
+    step: int,
+    dense_state: dict[str, torch.Tensor] | None,
+    config_yaml: str,
+    pools: dict,
+    *,
+    group=None,
+    keep_last: int = 0,
+    attrs: dict | None = None,
+    dense_optimizer: dict[str, torch.Tensor] | None = None,
+    background: bool = False,
+    extra_files: dict[str, Path] | None = None,
+) -> "PendingCheckpoint":
     """The collective part of a save (the temporary directory, array metadata, the rows each rank
     must write); the files are written now, or by a thread when ``background`` (on snapshots,
     so training may go on). ``extra_files`` (name -> path, e.g. the run's tokenizer) are copied
@@ -51,12 +80,17 @@ def start_sharded_checkpoint(root: Path, step: int, dense_state: dict[str, torch
     tmp = begin_checkpoint(root, step, fresh=rank == 0)
     if distributed:
         dist.barrier(group=group)
-    jobs = [job for name, (table, tensors) in pools.items()
-            for job in prepare_pool(tmp / STORE, name, tensors, table, group, snapshot=background)]
+    jobs = [
+        job
+        for name, (table, tensors) in pools.items()
+        for job in prepare_pool(tmp / STORE, name, tensors, table, group, snapshot=background)
+    ]
     dense = None
     if rank == 0:
-        dense = [{k: v.detach().clone() if background else v for k, v in d.items()} if d is not None else None
-                 for d in (dense_state or {}, dense_optimizer)]
+        dense = [
+            {k: v.detach().clone() if background else v for k, v in d.items()} if d is not None else None
+            for d in (dense_state or {}, dense_optimizer)
+        ]
     pending = PendingCheckpoint(root, tmp, step, config_yaml, pools, attrs or {}, keep_last, group, rank, distributed)
     pending.start(jobs, dense, background, extra_files if rank == 0 else None)
     return pending
@@ -67,7 +101,9 @@ class PendingCheckpoint:
 
     def __init__(self, root, tmp, step, config_yaml, pools, attrs, keep_last, group, rank, distributed):
         self.root, self.tmp, self.step, self.config_yaml = Path(root), tmp, step, config_yaml
-        self.shapes = {name: {"num_rows": t.num_rows, "dim": t.dim, "arrays": sorted(ts)} for name, (t, ts) in pools.items()}
+        self.shapes = {
+            name: {"num_rows": t.num_rows, "dim": t.dim, "arrays": sorted(ts)} for name, (t, ts) in pools.items()
+        }
         self.attrs, self.keep_last, self.group, self.rank, self.distributed = attrs, keep_last, group, rank, distributed
         self._thread, self._result = None, {}
 
@@ -81,7 +117,9 @@ class PendingCheckpoint:
                 if dense is not None:  # rank 0: dense weights and optimizer beside the pools
                     files = write_weights(self.tmp, dense[0], self.config_yaml)
                     if dense[1] is not None:
-                        save_file({k: v.detach().contiguous().cpu() for k, v in dense[1].items()}, str(self.tmp / OPTIMIZER))
+                        save_file(
+                            {k: v.detach().contiguous().cpu() for k, v in dense[1].items()}, str(self.tmp / OPTIMIZER)
+                        )
                         files[OPTIMIZER] = _sha256(self.tmp / OPTIMIZER)
                 self._result = {"chunks": write_chunks(self.tmp / STORE, jobs), "files": files}
             except Exception as exc:  # reported collectively by finish()
@@ -111,7 +149,9 @@ class PendingCheckpoint:
             store = zarr.open_group(str(self.tmp / STORE), mode="a")
             store.attrs.update({"step": self.step, **self.attrs, "pools": self.shapes})
             files = dict(self._result["files"])
-            files.update({str(p.relative_to(self.tmp)): _sha256(p) for p in sorted((self.tmp / STORE).rglob("zarr.json"))})
+            files.update(
+                {str(p.relative_to(self.tmp)): _sha256(p) for p in sorted((self.tmp / STORE).rglob("zarr.json"))}
+            )
             chunks = {k: v for p in parts for k, v in p["chunks"].items()}
             final = commit_checkpoint(self.root, self.tmp, self.step, files, keep_last=self.keep_last, chunks=chunks)
         if self.distributed:
@@ -161,8 +201,13 @@ def pool_info(ckpt: Path) -> dict:
         raise InputError(f"checkpoint {ckpt}: {STORE} cannot be opened ({exc})") from None
 
 
-def load_pool_shard(path: str | Path, name: str, row_range: tuple[int, int], col_range: tuple[int, int] | None,
-                    manifest: dict | None = None) -> dict[str, torch.Tensor]:
+def load_pool_shard(
+    path: str | Path,
+    name: str,
+    row_range: tuple[int, int],
+    col_range: tuple[int, int] | None,
+    manifest: dict | None = None,
+) -> dict[str, torch.Tensor]:
     """Every array of pool ``name`` restricted to rows ``row_range`` (and, for [N, D] arrays,
     columns ``col_range``): what one rank of any world size and layout holds. Only the chunks
     holding those rows are read, each checked against the manifest first."""
@@ -172,8 +217,10 @@ def load_pool_shard(path: str | Path, name: str, row_range: tuple[int, int], col
     info = pool_info(ckpt).get("pools", {})
     if name not in info:
         raise InputError(f"checkpoint {ckpt}: no value pool '{name}' (it has {sorted(info)})")
-    return {key: read_rows(ckpt / STORE, name, key, row_range, col_range, manifest.get("chunks", {}))
-            for key in info[name]["arrays"]}
+    return {
+        key: read_rows(ckpt / STORE, name, key, row_range, col_range, manifest.get("chunks", {}))
+        for key in info[name]["arrays"]
+    }
 
 
 def restore_offline(path: str | Path, out: str | Path, world_size: int, layout: str = "row") -> dict:
@@ -193,8 +240,10 @@ def restore_offline(path: str | Path, out: str | Path, world_size: int, layout: 
     for name, info in pools.items():
         limit = info["num_rows"] if layout == "row" else info["dim"]
         if not 1 <= world_size <= limit:
-            raise InputError(f"--world-size {world_size}: pool '{name}' has {limit} "
-                             f"{'rows' if layout == 'row' else 'value columns'} to split")
+            raise InputError(
+                f"--world-size {world_size}: pool '{name}' has {limit} "
+                f"{'rows' if layout == 'row' else 'value columns'} to split"
+            )
     out = Path(out)
     if (out / "restore.json").exists():
         raise InputError(f"{out} already holds a restore (restore.json); choose another --out")
@@ -213,7 +262,13 @@ def restore_offline(path: str | Path, out: str | Path, world_size: int, layout: 
         file = out / f"rank-{rank:05d}.safetensors"
         save_file(tensors, str(file))
         ranks.append({"file": file.name, "sha256": _sha256(file), "ranges": ranges})
-    summary = {"source": str(ckpt), "step": manifest["step"], "world_size": world_size, "layout": layout, "ranks": ranks}
+    summary = {
+        "source": str(ckpt),
+        "step": manifest["step"],
+        "world_size": world_size,
+        "layout": layout,
+        "ranks": ranks,
+    }
     tmp = out / "restore.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(out / "restore.json")

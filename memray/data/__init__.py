@@ -1,4 +1,5 @@
 """Data: tokenizer, facts files, the synthetic knowledge base, packed training batches."""
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -66,6 +67,16 @@ def _byte_documents(config: DataConfig, tokenizer: ByteTokenizer) -> tuple[list[
 
 
 __all__ = [
-    "ATTRIBUTES", "BPETokenizer", "ByteTokenizer", "DataConfig", "Fact", "IGNORE_INDEX", "PackedBatches",
-    "generate_facts", "load_documents", "read_facts", "saved_tokenizer", "write_facts",
+    "ATTRIBUTES",
+    "BPETokenizer",
+    "ByteTokenizer",
+    "DataConfig",
+    "Fact",
+    "IGNORE_INDEX",
+    "PackedBatches",
+    "generate_facts",
+    "load_documents",
+    "read_facts",
+    "saved_tokenizer",
+    "write_facts",
 ]

@@ -7,6 +7,7 @@ and every shard against its SHA-256, before anything is read. ``PackedBatches`` 
 per epoch by seed and records its position, so a resumed run continues with the next batch; each
 rank of a sharded run keeps its own rows of every global batch.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -30,12 +31,16 @@ class ArrowDocuments:
             manifest = json.loads((self.directory / MANIFEST).read_text())
             shards = manifest["shards"]
         except FileNotFoundError:
-            raise InputError(f"{self.directory}: no {MANIFEST} (not an ingested directory, or ingestion did not finish)") from None
+            raise InputError(
+                f"{self.directory}: no {MANIFEST} (not an ingested directory, or ingestion did not finish)"
+            ) from None
         except (ValueError, KeyError, TypeError):
             raise InputError(f"{self.directory}/{MANIFEST} is not a valid manifest") from None
         if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise InputError(f"{self.directory}/{MANIFEST}: schema version {manifest.get('schema_version')}, "
-                             f"this reader reads {SCHEMA_VERSION}")
+            raise InputError(
+                f"{self.directory}/{MANIFEST}: schema version {manifest.get('schema_version')}, "
+                f"this reader reads {SCHEMA_VERSION}"
+            )
         self.tokenizer = load_tokenizer(manifest.get("tokenizer") or {}, self.directory)
         self.manifest = manifest
         self._columns, self._offsets, self._starts, total = [], [], [], 0
@@ -65,7 +70,7 @@ class ArrowDocuments:
         """Tokens ``[start, stop)`` of document ``index`` (a numpy view of the mapped shard)."""
         shard = bisect.bisect_right(self._starts, index) - 1
         first = int(self._offsets[shard][index - self._starts[shard]])
-        return self._columns[shard].values[first + start:first + stop].to_numpy()
+        return self._columns[shard].values[first + start : first + stop].to_numpy()
 
     def __len__(self) -> int:
         return self._len

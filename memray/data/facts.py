@@ -2,6 +2,7 @@
 
 The training text of a fact is ``prompt + " " + answer``.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,11 @@ def read_facts(path: str | Path) -> list[Fact]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise InputError(f"{path}:{number}: not a JSON object") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("answer"), str):
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("prompt"), str)
+                or not isinstance(row.get("answer"), str)
+            ):
                 raise InputError(f"{path}:{number}: needs string fields 'prompt' and 'answer'")
             if not row["answer"].strip():
                 raise InputError(f"{path}:{number}: empty answer")

@@ -19,6 +19,7 @@ paragraph's first), ``jsonl`` (``{"text": ...}`` or a fact ``{"prompt", "answer"
 is ``prompt + " " + answer``), ``parquet`` (a string column, ``text`` by default; the line is the
 row number).
 """
+
 from __future__ import annotations
 
 import json
@@ -110,8 +111,16 @@ def _decode(raw: bytes):
         return _Reject(f"invalid UTF-8 ({exc.reason} at byte {exc.start})")
 
 
-def ingest_file(index: int, path: str, fmt: str, out: str, shard_tokens: int, strict: bool, text_column: str,
-                tokenizer_file: str | None = None) -> dict:
+def ingest_file(
+    index: int,
+    path: str,
+    fmt: str,
+    out: str,
+    shard_tokens: int,
+    strict: bool,
+    text_column: str,
+    tokenizer_file: str | None = None,
+) -> dict:
     """Ingest one source into ``out/<index>-<shard>.arrow``; counts, shards and rejects."""
     import pyarrow as pa
 
@@ -133,8 +142,14 @@ def ingest_file(index: int, path: str, fmt: str, out: str, shard_tokens: int, st
         if writer is not None:
             flush()
             writer.close()
-            shards.append({"file": shard_path.name, "documents": shard_docs, "tokens": shard_token_count,
-                           "sha256": sha256_file(shard_path)})
+            shards.append(
+                {
+                    "file": shard_path.name,
+                    "documents": shard_docs,
+                    "tokens": shard_token_count,
+                    "sha256": sha256_file(shard_path),
+                }
+            )
             writer = None
 
     for line, text in _records(source, fmt, text_column):
@@ -173,9 +188,19 @@ def _accepted_texts(jobs, strict: bool):
             yield text
 
 
-def ingest(sources: list[str | Path], out: str | Path, *, fmt: str | None = None, shard_tokens: int = 1 << 24,
-           workers: int | None = None, strict: bool = False, text_column: str = "text", tokenizer: str = "byte",
-           vocab_size: int = 8192, map_files=None) -> dict:
+def ingest(
+    sources: list[str | Path],
+    out: str | Path,
+    *,
+    fmt: str | None = None,
+    shard_tokens: int = 1 << 24,
+    workers: int | None = None,
+    strict: bool = False,
+    text_column: str = "text",
+    tokenizer: str = "byte",
+    vocab_size: int = 8192,
+    map_files=None,
+) -> dict:
     """Ingest every source into ``out``; returns the manifest (also written to ``out``).
 
     ``tokenizer``: ``byte``, ``bpe`` (train one of ``vocab_size`` ids on the sources) or
@@ -194,7 +219,9 @@ def ingest(sources: list[str | Path], out: str | Path, *, fmt: str | None = None
     if tokenizer.startswith("bpe:") and not Path(tokenizer[4:]).is_file():
         raise InputError(f"tokenizer file not found: {tokenizer[4:]}")
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(i, str(p), fmt or detect_format(p), str(out), shard_tokens, strict, text_column) for i, p in enumerate(paths)]
+    jobs = [
+        (i, str(p), fmt or detect_format(p), str(out), shard_tokens, strict, text_column) for i, p in enumerate(paths)
+    ]
     if tokenizer == "byte":
         tok = ByteTokenizer()
     else:

@@ -14,6 +14,7 @@ arrays of pieces (document, start, length); a rank builds only its own rows of e
 corpus. The position (epoch, batch) fully determines the next batch, and the global batch does
 not depend on the number of ranks, so a run resumes exactly, on any world size.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,8 +66,7 @@ def plan_packing(lengths, width: int, order) -> _Packing:
 
 
 class PackedBatches:
-    def __init__(self, documents, seq_len: int, batch_size: int, pad_id: int, seed: int = 0,
-                 rows: slice | None = None):
+    def __init__(self, documents, seq_len: int, batch_size: int, pad_id: int, seed: int = 0, rows: slice | None = None):
         """``rows``: this rank's share of every global batch (default: all ``batch_size`` rows)."""
         if not len(documents):
             raise ValueError("no documents to train on")
@@ -94,14 +94,14 @@ class PackedBatches:
     def _piece(self, doc: int, start: int, length: int):
         if hasattr(self.documents, "tokens"):
             return self.documents.tokens(doc, start, start + length)
-        return self.documents[doc][start:start + length]
+        return self.documents[doc][start : start + length]
 
     def _row(self, packing: _Packing, row: int) -> np.ndarray:
         out = np.full(self.seq_len + 1, self.pad_id, dtype=np.int64)
         at = 0
         for p in range(packing.row_ptr[row], packing.row_ptr[row + 1]):
             n = int(packing.length[p])
-            out[at:at + n] = self._piece(int(packing.doc[p]), int(packing.start[p]), n)
+            out[at : at + n] = self._piece(int(packing.doc[p]), int(packing.start[p]), n)
             at += n
         return out
 

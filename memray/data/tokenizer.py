@@ -6,6 +6,7 @@ A BPE tokenizer lives in a ``tokenizer.json`` of the ``tokenizers`` library besi
 encoded (its SHA-256 in the manifest), and is copied into every run and checkpoint trained on
 them so evaluation decodes with the same vocabulary.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,13 @@ class ByteTokenizer:
         return out.decode("utf-8", errors="replace")
 
     def describe(self) -> dict:
-        return {"kind": self.name, "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
-                "pad_id": self.pad_id}
+        return {
+            "kind": self.name,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+        }
 
 
 class BPETokenizer:
@@ -92,8 +98,15 @@ class BPETokenizer:
     def describe(self) -> dict:
         from memray.files import sha256_file
 
-        return {"kind": self.name, "file": self.path.name, "sha256": sha256_file(self.path),
-                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+        return {
+            "kind": self.name,
+            "file": self.path.name,
+            "sha256": sha256_file(self.path),
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+        }
 
 
 def train_bpe(texts, vocab_size: int, path: str | Path) -> BPETokenizer:
@@ -105,8 +118,12 @@ def train_bpe(texts, vocab_size: int, path: str | Path) -> BPETokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(BPE_SPECIALS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.save(str(path))
     return BPETokenizer(path)

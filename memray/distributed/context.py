@@ -6,6 +6,7 @@ the usual environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`
 :mod:`memray.distributed.spawn`, torchrun or Ray Train) and creates the memory-parallel group,
 a group of its own so that value-table traffic never interleaves with DeepSpeed's collectives.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,9 @@ class ParallelDims:
         """A table of ``num_rows x dim`` must give every rank of the memory group a shard."""
         w = self.memory_size
         if layout == "row" and num_rows < w:
-            raise ConfigError("model.memory.n_keys", f"{num_rows} value rows cannot be split over {w} ranks (row layout)")
+            raise ConfigError(
+                "model.memory.n_keys", f"{num_rows} value rows cannot be split over {w} ranks (row layout)"
+            )
         if layout == "column" and dim < w:
             raise ConfigError("model.memory.v_dim", f"value dim {dim} cannot be split over {w} ranks (column layout)")
 

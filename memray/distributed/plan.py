@@ -6,6 +6,7 @@ per token, uniformly random rows. Layouts: ``row`` (rank r owns a contiguous, ba
 and ``column`` (rank r owns every row's slice of the value dim). Torch-free: ``memray plan`` and
 these functions run anywhere.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,12 @@ LAYOUTS = ("row", "column")
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZERS = ("rowwise_adagrad", "lazy_adam", "lazy_adamw", "sgd", "adamw")
 COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
-BYTE_UNITS = {"": 1, "b": 1, **{p + "b": 1000**i for i, p in enumerate("kmgtp", 1)},
-              **{p + "ib": 1024**i for i, p in enumerate("kmgtp", 1)}}
+BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    **{p + "b": 1000**i for i, p in enumerate("kmgtp", 1)},
+    **{p + "ib": 1024**i for i, p in enumerate("kmgtp", 1)},
+}
 _QUANTITY = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
 
 
@@ -81,13 +86,29 @@ def lookup_traffic(layout: str, world: int, tokens: float, lookups: int, dim: in
     else:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     total = forward + backward
-    return {"forward_bytes": forward, "backward_bytes": backward, "total_bytes": total,
-            "bytes_per_token": total / t if t else 0.0}
+    return {
+        "forward_bytes": forward,
+        "backward_bytes": backward,
+        "total_bytes": total,
+        "bytes_per_token": total / t if t else 0.0,
+    }
 
 
-def per_rank_memory(layout: str, world: int, rows: int, dim: int, tokens: int, lookups: int, *,
-                    memory_layers: int = 1, pools: int = 1, value_bytes: int = 2,
-                    optimizer: str = "rowwise_adagrad", state_bytes: int = 4, dense_params: int = 0) -> dict:
+def per_rank_memory(
+    layout: str,
+    world: int,
+    rows: int,
+    dim: int,
+    tokens: int,
+    lookups: int,
+    *,
+    memory_layers: int = 1,
+    pools: int = 1,
+    value_bytes: int = 2,
+    optimizer: str = "rowwise_adagrad",
+    state_bytes: int = 4,
+    dense_params: int = 0,
+) -> dict:
     """Bytes on the fullest rank of a W-rank group; T = ``tokens`` per step on each rank.
 
     * values: pools·rows_r·cols_r·b, with rows_r = ceil(N/W), cols_r = D (row layout) or
@@ -113,8 +134,13 @@ def per_rank_memory(layout: str, world: int, rows: int, dim: int, tokens: int, l
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     elements = own_rows * own_cols
-    per_element, per_row = {"rowwise_adagrad": (0, 4), "lazy_adam": (2 * state_bytes, 4),
-                            "lazy_adamw": (2 * state_bytes, 4), "sgd": (0, 0), "adamw": (8, 0)}[optimizer]
+    per_element, per_row = {
+        "rowwise_adagrad": (0, 4),
+        "lazy_adam": (2 * state_bytes, 4),
+        "lazy_adamw": (2 * state_bytes, 4),
+        "sgd": (0, 0),
+        "adamw": (8, 0),
+    }[optimizer]
     if layout == "row":
         buffers = 2 * (12 * tokens * lookups + tokens * min(world, lookups) * dim * 4)
     else:
@@ -130,8 +156,18 @@ def per_rank_memory(layout: str, world: int, rows: int, dim: int, tokens: int, l
     return memory
 
 
-def fewest_ranks(gpu_mem: int, layout: str, rows: int, dim: int, tokens: int, lookups: int, *,
-                 usable_fraction: float = 0.9, max_ranks: int = 65536, **options) -> int | None:
+def fewest_ranks(
+    gpu_mem: int,
+    layout: str,
+    rows: int,
+    dim: int,
+    tokens: int,
+    lookups: int,
+    *,
+    usable_fraction: float = 0.9,
+    max_ranks: int = 65536,
+    **options,
+) -> int | None:
     """Smallest W in 1..min(max_ranks, N or D) with per_rank_memory(...)["total"] <= gpu_mem·usable_fraction.
 
     The row layout cannot use more ranks than rows, the column layout more than value columns.
@@ -145,10 +181,21 @@ def fewest_ranks(gpu_mem: int, layout: str, rows: int, dim: int, tokens: int, lo
     return None
 
 
-def make_plan(memory_params: int, value_dim: int, gpu_mem: int, tokens_per_rank: int = 16384, heads: int = 4,
-              knn: int = 32, memory_layers: int = 3, dtype: str = "bf16", optimizer: str = "rowwise_adagrad",
-              dense_params: int = 0, world: int | None = None, pools: int = 1,
-              usable_fraction: float = 0.9) -> dict:
+def make_plan(
+    memory_params: int,
+    value_dim: int,
+    gpu_mem: int,
+    tokens_per_rank: int = 16384,
+    heads: int = 4,
+    knn: int = 32,
+    memory_layers: int = 3,
+    dtype: str = "bf16",
+    optimizer: str = "rowwise_adagrad",
+    dense_params: int = 0,
+    world: int | None = None,
+    pools: int = 1,
+    usable_fraction: float = 0.9,
+) -> dict:
     """Per-rank memory and traffic of both layouts, each at its fewest ranks (or at ``world``).
 
     ``memory_params`` P per pool, N = P // D rows; ``pools`` pools (1: one pool shared by the
@@ -163,29 +210,56 @@ def make_plan(memory_params: int, value_dim: int, gpu_mem: int, tokens_per_rank:
         raise ValueError(f"value_dim {value_dim} is larger than memory_params {memory_params}")
     lookups = heads * knn
     value_bytes = DTYPE_BYTES[dtype]
-    options = dict(memory_layers=memory_layers, pools=pools, value_bytes=value_bytes, optimizer=optimizer,
-                   dense_params=dense_params)
+    options = dict(
+        memory_layers=memory_layers,
+        pools=pools,
+        value_bytes=value_bytes,
+        optimizer=optimizer,
+        dense_params=dense_params,
+    )
     budget = gpu_mem * usable_fraction
     layouts = {}
     for layout in LAYOUTS:
-        fewest = fewest_ranks(gpu_mem, layout, rows, value_dim, tokens_per_rank, lookups,
-                              usable_fraction=usable_fraction, **options)
+        fewest = fewest_ranks(
+            gpu_mem, layout, rows, value_dim, tokens_per_rank, lookups, usable_fraction=usable_fraction, **options
+        )
         w = world or fewest
-        entry = {"fewest_ranks": fewest, "world": w, "tokens_per_rank": None, "memory": None, "traffic": None,
-                 "fits": False}
+        entry = {
+            "fewest_ranks": fewest,
+            "world": w,
+            "tokens_per_rank": None,
+            "memory": None,
+            "traffic": None,
+            "fits": False,
+        }
         if w is not None and w <= (rows if layout == "row" else value_dim):
             memory = per_rank_memory(layout, w, rows, value_dim, tokens_per_rank, lookups, **options)
             traffic = lookup_traffic(layout, w, tokens_per_rank, lookups, value_dim)
-            entry.update(tokens_per_rank=tokens_per_rank, memory=memory, fits=memory["total"] <= budget,
-                         traffic={key: memory_layers * v for key, v in traffic.items()})
+            entry.update(
+                tokens_per_rank=tokens_per_rank,
+                memory=memory,
+                fits=memory["total"] <= budget,
+                traffic={key: memory_layers * v for key, v in traffic.items()},
+            )
         layouts[layout] = entry
     priced = [name for name in LAYOUTS if layouts[name]["traffic"]]
     fitting = [(layouts[name]["fewest_ranks"], name) for name in LAYOUTS if layouts[name]["fewest_ranks"]]
     return {
-        "inputs": dict(memory_params=memory_params, value_dim=value_dim, gpu_mem=gpu_mem,
-                       tokens_per_rank=tokens_per_rank, heads=heads, knn=knn, memory_layers=memory_layers,
-                       dtype=dtype, optimizer=optimizer, dense_params=dense_params, world=world, pools=pools,
-                       usable_fraction=usable_fraction),
+        "inputs": dict(
+            memory_params=memory_params,
+            value_dim=value_dim,
+            gpu_mem=gpu_mem,
+            tokens_per_rank=tokens_per_rank,
+            heads=heads,
+            knn=knn,
+            memory_layers=memory_layers,
+            dtype=dtype,
+            optimizer=optimizer,
+            dense_params=dense_params,
+            world=world,
+            pools=pools,
+            usable_fraction=usable_fraction,
+        ),
         "rows": rows,
         "lookups": lookups,
         "budget_bytes": budget,
@@ -243,8 +317,14 @@ def format_plan(plan: dict) -> str:
         row("fewest ranks", lambda e: e["fewest_ranks"])
     row("ranks (GPUs)", lambda e: e["world"])
     row("tokens per rank", lambda e: e["tokens_per_rank"] and f"{e['tokens_per_rank']:,}")
-    for key, label in (("values", "values"), ("optimizer", "optimizer state"), ("value_grad", "value gradient"),
-                       ("buffers", "lookup buffers"), ("dense", "dense model (ZeRO)"), ("total", "total per rank")):
+    for key, label in (
+        ("values", "values"),
+        ("optimizer", "optimizer state"),
+        ("value_grad", "value gradient"),
+        ("buffers", "lookup buffers"),
+        ("dense", "dense model (ZeRO)"),
+        ("total", "total per rank"),
+    ):
         row(label, lambda e: e["memory"] and human_bytes(e["memory"][key]))
     row("fits", lambda e: e["memory"] and ("yes" if e["fits"] else "no"))
     row("traffic per rank / step", lambda e: e["traffic"] and human_bytes(e["traffic"]["total_bytes"], binary=False))
@@ -253,6 +333,9 @@ def format_plan(plan: dict) -> str:
     if plan["cheaper_traffic"]:
         lines.append(f"cheaper in traffic per token: {plan['cheaper_traffic']} layout")
     fewest = plan["fewest"]
-    lines.append(f"fewest GPUs that hold it: {fewest['ranks']} ({fewest['layout']} layout)" if fewest
-                 else "no number of GPUs holds it")
+    lines.append(
+        f"fewest GPUs that hold it: {fewest['ranks']} ({fewest['layout']} layout)"
+        if fewest
+        else "no number of GPUs holds it"
+    )
     return "\n".join(lines)

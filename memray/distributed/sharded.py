@@ -22,6 +22,7 @@ No collective of the table or of its gradient ever happens: each rank keeps and 
 shard alone. Traffic counters (``stats``) count bytes that leave or reach this rank, which
 ``memray.distributed.plan.lookup_traffic`` predicts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,7 +52,9 @@ class LookupStats:
         return out
 
 
-def _exchange(send: torch.Tensor, send_splits: list[int], recv_splits: list[int], table: "ShardedValueTable") -> torch.Tensor:
+def _exchange(
+    send: torch.Tensor, send_splits: list[int], recv_splits: list[int], table: "ShardedValueTable"
+) -> torch.Tensor:
     """``all_to_all_single`` with uneven splits along dim 0, counting off-rank bytes."""
     send = send.contiguous()
     recv = send.new_empty((sum(recv_splits), *send.shape[1:]))
@@ -95,7 +98,11 @@ class _RowLookup(torch.autograd.Function):
             [
                 (indices.reshape(-1)[order] - table.row_starts[owner_sorted]).to(torch.int32)[:, None],
                 bag_local.to(torch.int32)[:, None],
-                weights.reshape(-1)[order].to(wdtype).contiguous().view(torch.int32).view(owner.numel(), wdtype.itemsize // 4),
+                weights.reshape(-1)[order]
+                .to(wdtype)
+                .contiguous()
+                .view(torch.int32)
+                .view(owner.numel(), wdtype.itemsize // 4),
             ],
             dim=1,
         )
@@ -175,8 +182,14 @@ class _ColumnLookup(torch.autograd.Function):
         slices = torch.cat([s.reshape(-1) for s in grad_out.to(all_w.dtype).split(widths, dim=1)])
         grad_partial = _exchange(slices, [T * d for d in widths], [t * shard.shape[1] for t in tokens_in], table)
         grad_w_all, unique_rows, row_grads = bag_backward(
-            grad_partial.view(-1, shard.shape[1]), all_rows, all_w, shard, offsets, table.backend,
-            need_weights_grad=need_w, need_table_grad=need_t,
+            grad_partial.view(-1, shard.shape[1]),
+            all_rows,
+            all_w,
+            shard,
+            offsets,
+            table.backend,
+            need_weights_grad=need_w,
+            need_table_grad=need_t,
         )
         grad_weights = None
         if need_w:
@@ -243,7 +256,14 @@ class ShardedValueTable(nn.Module):
         if self.weight.is_meta:
             return
         with torch.no_grad():
-            init_value_rows(self.weight, self.init_seed, self.init_std, (self.num_rows, self.dim), self.row_range[0], self.col_range[0])
+            init_value_rows(
+                self.weight,
+                self.init_seed,
+                self.init_std,
+                (self.num_rows, self.dim),
+                self.row_range[0],
+                self.col_range[0],
+            )
             self.usage_count.zero_()
             self.usage_mass.zero_()
 
@@ -307,5 +327,7 @@ class ShardedValueTable(nn.Module):
         return torch.cat([p[:n] for p, n in zip(pieces, sizes)])
 
     def extra_repr(self) -> str:
-        return (f"num_rows={self.num_rows}, dim={self.dim}, layout={self.layout}, rank={self.rank}/{self.world}, "
-                f"rows={self.row_range}, cols={self.col_range}")
+        return (
+            f"num_rows={self.num_rows}, dim={self.dim}, layout={self.layout}, rank={self.rank}/{self.world}, "
+            f"rows={self.row_range}, cols={self.col_range}"
+        )

@@ -7,6 +7,7 @@ results in rank order. When a rank fails, the others (which may be blocked in a 
 terminated and the failure is raised in the caller: a :class:`memray.errors.UserError` as the
 same type with its message, anything else as ``WorkerError`` carrying the rank's traceback.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -60,8 +61,12 @@ def spawn(fn, world_size: int, *args, threads: int | None = None) -> list:
     procs = []
     for rank in range(world_size):
         env = {
-            "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
             "MEMRAY_THREADS": str(threads),
         }
         proc = ctx.Process(target=_entry, args=(fn, args, env, results), daemon=True)

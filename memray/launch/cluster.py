@@ -8,6 +8,7 @@ answers. The head's PID, addresses and log file are recorded in ``MEMRAY_HOME/cl
 period), never other Ray instances on the machine. Jobs submitted to the head run the Python of
 the environment that started it (its ``bin`` comes first on the head's PATH).
 """
+
 from __future__ import annotations
 
 import json
@@ -84,25 +85,46 @@ def up(port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None
     if current["running"]:
         return {**current, "started": False}
     if current.get("pid") and _alive(current["pid"]):
-        raise InputError(f"a local head (pid {current['pid']}) is running but its Jobs API does not answer: "
-                         "memray cluster down first")
+        raise InputError(
+            f"a local head (pid {current['pid']}) is running but its Jobs API does not answer: "
+            "memray cluster down first"
+        )
     _ensure_token()
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True)
     log = directory / "cluster.log"
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
     env.pop("RAY_ADDRESS", None)
     ray_cli = Path(sys.executable).parent / "ray"
-    command = [str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", "--block", "--disable-usage-stats",
-               f"--node-ip-address={LOOPBACK}", f"--port={port}", "--include-dashboard=true",
-               f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
-               f"--num-cpus={num_cpus or os.cpu_count() or 1}"]
+    command = [
+        str(ray_cli) if ray_cli.exists() else "ray",
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        f"--node-ip-address={LOOPBACK}",
+        f"--port={port}",
+        "--include-dashboard=true",
+        f"--dashboard-host={LOOPBACK}",
+        f"--dashboard-port={dashboard_port}",
+        f"--num-cpus={num_cpus or os.cpu_count() or 1}",
+    ]
     with open(log, "ab") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                   stdin=subprocess.DEVNULL)
-    state = {"pid": process.pid, "address": f"{LOOPBACK}:{port}", "dashboard": f"http://{LOOPBACK}:{dashboard_port}",
-             "log": str(log), "started_at": time.time()}
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True, stdin=subprocess.DEVNULL
+        )
+    state = {
+        "pid": process.pid,
+        "address": f"{LOOPBACK}:{port}",
+        "dashboard": f"http://{LOOPBACK}:{dashboard_port}",
+        "log": str(log),
+        "started_at": time.time(),
+    }
     (directory / STATE).write_text(json.dumps(state, indent=1))
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:

@@ -4,6 +4,7 @@ Each task runs :func:`memray.data.ingest.ingest_file` where Ray places it and wr
 straight into the output directory, which must be on storage every node shares; the driver then
 writes the manifest as a local ingestion does.
 """
+
 from __future__ import annotations
 
 from .local import ray_session, user_error

@@ -12,6 +12,7 @@ must have memray installed (the local head started by ``memray cluster up`` uses
 environment's). The run directory is resolved to an absolute path on submission, so it must be on
 storage the cluster's nodes share.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,6 +30,8 @@ from .local import auth_token, check_reachable, is_loopback, split_address
 
 JOBS_PORT = 8265
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
 def _entrypoints() -> Path:
     import memray.jobs
 
@@ -39,8 +42,10 @@ def jobs_address(address: str | None) -> str:
     """The Jobs API URL from ``--address`` or ``RAY_ADDRESS``."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise UsageError("no cluster address: pass --address http://HOST:8265 or set RAY_ADDRESS "
-                         "(memray cluster up prints a local one)")
+        raise UsageError(
+            "no cluster address: pass --address http://HOST:8265 or set RAY_ADDRESS "
+            "(memray cluster up prints a local one)"
+        )
     host, port, scheme = split_address(address, JOBS_PORT)
     if scheme not in ("http", "https", "tcp"):
         raise UsageError(f"address {address!r}: the Jobs API is an http(s)://HOST:PORT address (a Ray dashboard)")
@@ -56,8 +61,10 @@ def client(address: str | None, insecure: bool = False):
     host = split_address(url, JOBS_PORT)[0]
     token = auth_token()
     if token is None and not is_loopback(host) and not insecure:
-        raise UsageError(f"refusing to talk to {url} without an auth token: the Jobs API runs arbitrary code. Set "
-                         "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH), or pass --insecure for a trusted network")
+        raise UsageError(
+            f"refusing to talk to {url} without an auth token: the Jobs API runs arbitrary code. Set "
+            "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH), or pass --insecure for a trusted network"
+        )
     check_reachable(url, JOBS_PORT, "the Ray Jobs API")
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
@@ -80,8 +87,15 @@ def _call(what: str, job_id: str | None, fn, *args):
         raise InputError(f"{what} failed: {_first_line(exc)}") from None
 
 
-def submit(config_yaml: str, *, address: str | None, run_dir: str, submission_id: str | None = None,
-           resume: str | None = None, insecure: bool = False) -> tuple[object, str, bool]:
+def submit(
+    config_yaml: str,
+    *,
+    address: str | None,
+    run_dir: str,
+    submission_id: str | None = None,
+    resume: str | None = None,
+    insecure: bool = False,
+) -> tuple[object, str, bool]:
     """Submit a training job; (client, submission id, whether it was newly submitted). An id
     that already exists is not submitted again."""
     jobs = client(address, insecure)
@@ -97,11 +111,16 @@ def submit(config_yaml: str, *, address: str | None, run_dir: str, submission_id
         command = ["python", "train.py", "config.yaml", "--run-dir", run_dir, "--no-progress"]
         if resume:
             command += ["--resume", resume]
-        job_id = _call("submitting the job", None, lambda: jobs.submit_job(
-            entrypoint=shlex.join(command), submission_id=submission_id,
-            runtime_env={"working_dir": directory},
-            metadata={"memray": "train", "run_dir": run_dir},
-        ))
+        job_id = _call(
+            "submitting the job",
+            None,
+            lambda: jobs.submit_job(
+                entrypoint=shlex.join(command),
+                submission_id=submission_id,
+                runtime_env={"working_dir": directory},
+                metadata={"memray": "train", "run_dir": run_dir},
+            ),
+        )
     return jobs, job_id, True
 
 

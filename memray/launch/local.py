@@ -6,6 +6,7 @@ for new local instances and keeps the token in ``~/.ray/auth_token`` unless ``RA
 for reachability within a few seconds before Ray is asked to connect, so a wrong address is one
 line, not a hang.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,8 +92,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         yield
         return
     if address is None:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK,
-                 _node_ip_address=LOOPBACK, logging_level=logging.WARNING)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
+            logging_level=logging.WARNING,
+        )
     else:
         ray.init(address=address, logging_level=logging.WARNING)
     try:

@@ -11,6 +11,7 @@ group (as many workers as before) and they resume from the newest reported check
 resumed with ``--resume`` on another number of workers reshards as it reads. The driver draws a
 progress bar from the run's ``metrics.jsonl``.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,10 +58,12 @@ def _worker(args: dict) -> None:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as directory:
-            (Path(directory) / POINTER).write_text(json.dumps({"path": str(Path(path).resolve()),
-                                                               "step": metrics.get("step")}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=Path(path).name)
+            (Path(directory) / POINTER).write_text(
+                json.dumps({"path": str(Path(path).resolve()), "step": metrics.get("step")})
+            )
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=Path(path).name
+            )
 
     config: RunConfig = args["config"]
     result = train_worker(config, str(run_dir), progress=False, resume=resume, on_checkpoint=report)
@@ -77,8 +80,10 @@ def _check_fits(config: RunConfig) -> None:
     need = {"CPU": d.workers * d.cpus_per_worker, **({"GPU": float(d.workers)} if d.use_gpu else {})}
     for name, amount in need.items():
         if resources.get(name, 0.0) < amount:
-            raise ConfigError("distributed.workers", f"{d.workers} workers need {amount:g} {name}s, the Ray cluster "
-                              f"has {resources.get(name, 0.0):g}")
+            raise ConfigError(
+                "distributed.workers",
+                f"{d.workers} workers need {amount:g} {name}s, the Ray cluster has {resources.get(name, 0.0):g}",
+            )
 
 
 def _progress(run_dir: Path, total: int, done: threading.Event, enabled: bool) -> None:
@@ -105,8 +110,13 @@ def _progress(run_dir: Path, total: int, done: threading.Event, enabled: bool) -
     bar.close()
 
 
-def train_on_ray(config: RunConfig, run_dir: str | Path, progress: bool = False, resume: str | Path | None = None,
-                 address: str | None = None) -> dict:
+def train_on_ray(
+    config: RunConfig,
+    run_dir: str | Path,
+    progress: bool = False,
+    resume: str | Path | None = None,
+    address: str | None = None,
+) -> dict:
     """Train on ``config.distributed.workers`` Ray Train workers (an embedded local Ray unless
     ``address``); rank 0's result."""
     from memray.checkpoint import find_checkpoint
@@ -131,10 +141,12 @@ def train_on_ray(config: RunConfig, run_dir: str | Path, progress: bool = False,
             _worker,
             train_loop_config={"config": config, "run_dir": str(run_dir), "resume": resume},
             torch_config=TorchConfig(backend=backend),
-            scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
-                                         resources_per_worker={"CPU": d.cpus_per_worker}),
+            scaling_config=ScalingConfig(
+                num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
+            ),
             run_config=RayRunConfig(
-                name="train", storage_path=str(run_dir / "ray"),
+                name="train",
+                storage_path=str(run_dir / "ray"),
                 failure_config=FailureConfig(max_failures=d.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_last or None),
                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu"}},

@@ -6,6 +6,7 @@ weighted bag (heads x knn x v_dim) and, for Memory+, the SiLU gate and output pr
 not its table size. A top-k MoE costs its router and k experts. Attention is counted with a
 context of ``seq_len`` tokens (each token attends to seq_len/2 on average under the causal mask).
 """
+
 from __future__ import annotations
 
 from .transformer import ModelConfig

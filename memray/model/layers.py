@@ -1,4 +1,5 @@
 """Building blocks of the decoder: RMSNorm, rotary embeddings, causal attention, SwiGLU."""
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,9 @@ class Rotary(nn.Module):
     def reset_parameters(self) -> None:
         if self.cos.is_meta:
             return
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=self.cos.device).float() / self.head_dim))
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.head_dim, 2, device=self.cos.device).float() / self.head_dim)
+        )
         angles = torch.outer(torch.arange(self.max_seq_len, device=self.cos.device).float(), inv_freq)
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())

@@ -5,6 +5,7 @@ the values live and must reproduce it numerically. A layer reads its values from
 :class:`ValueTable`; several layers may share one table (a named *pool*), which then lives with
 the model rather than with any one layer.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,9 +54,7 @@ class MemoryConfig:
         if self.knn < 1:
             raise ConfigError("knn", f"must be >= 1, got {self.knn}")
         if self.n_keys**2 < self.knn:
-            raise ConfigError(
-                "knn", f"{self.knn} exceeds the number of slots n_keys**2 = {self.n_keys**2}"
-            )
+            raise ConfigError("knn", f"{self.knn} exceeds the number of slots n_keys**2 = {self.n_keys**2}")
         if self.k_dim < 2 or self.k_dim % 2:
             raise ConfigError("k_dim", f"must be even and >= 2 (split into two halves), got {self.k_dim}")
         if self.v_dim is not None and self.v_dim < 1:
@@ -141,8 +140,14 @@ INIT_BLOCK_ROWS = 1 << 16
 
 
 @torch.no_grad()
-def init_value_rows(out: torch.Tensor, seed: int, std: float, shape: tuple[int, int] | None = None,
-                    row_start: int = 0, col_start: int = 0) -> None:
+def init_value_rows(
+    out: torch.Tensor,
+    seed: int,
+    std: float,
+    shape: tuple[int, int] | None = None,
+    row_start: int = 0,
+    col_start: int = 0,
+) -> None:
     """Fill ``out`` with its part (rows from ``row_start``, columns from ``col_start``) of a
     ``shape`` table (default: ``out``'s) drawn from N(0, std).
 
@@ -161,7 +166,7 @@ def init_value_rows(out: torch.Tensor, seed: int, std: float, shape: tuple[int, 
         lo, hi = max(first, row_start), min(first + INIT_BLOCK_ROWS, row_start + rows)
         generator.manual_seed(seed + block)
         values = torch.empty(min(INIT_BLOCK_ROWS, num_rows - first), dim).normal_(0.0, std, generator=generator)
-        out[lo - row_start:hi - row_start].copy_(values[lo - first:hi - first, col_start:col_start + cols])
+        out[lo - row_start : hi - row_start].copy_(values[lo - first : hi - first, col_start : col_start + cols])
 
 
 def draw_init_seed() -> int:
@@ -213,15 +218,19 @@ class ProductKeyMemory(nn.Module):
             self.gate_proj = nn.Linear(dim, 1, device=device)
         if values is None:
             self.value_table = ValueTable(
-                c.num_slots, self.v_dim, init_std=c.value_init_std, backend=c.backend,
-                lr=c.value_lr, weight_decay=c.value_weight_decay, device=device,
+                c.num_slots,
+                self.v_dim,
+                init_std=c.value_init_std,
+                backend=c.backend,
+                lr=c.value_lr,
+                weight_decay=c.value_weight_decay,
+                device=device,
             )
             self._shared_values = None
         else:
             if values.num_rows != c.num_slots or values.dim != self.v_dim:
                 raise ValueError(
-                    f"value pool is [{values.num_rows}, {values.dim}], the layer needs "
-                    f"[{c.num_slots}, {self.v_dim}]"
+                    f"value pool is [{values.num_rows}, {values.dim}], the layer needs [{c.num_slots}, {self.v_dim}]"
                 )
             self.value_table = None
             # A list hides the shared pool from module registration: its owner saves it once.

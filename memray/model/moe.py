@@ -1,4 +1,5 @@
 """Top-k routed mixture of SwiGLU experts: the baseline memory layers are compared against."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

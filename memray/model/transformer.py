@@ -4,6 +4,7 @@ Value pools are owned by the model (``self.pools``), not by the memory layers, s
 can share one pool and a pool is saved once. ``forward(tokens, pools=...)`` lets a caller supply
 the pools from outside (e.g. sharded tables kept out of a DeepSpeed engine).
 """
+
 from __future__ import annotations
 
 import math
@@ -121,8 +122,13 @@ class Transformer(nn.Module):
             self.pools = nn.ModuleDict(
                 {
                     name: ValueTable(
-                        c.memory.num_slots, v_dim, init_std=c.memory.value_init_std, backend=c.memory.backend,
-                        lr=c.memory.value_lr, weight_decay=c.memory.value_weight_decay, device=device,
+                        c.memory.num_slots,
+                        v_dim,
+                        init_std=c.memory.value_init_std,
+                        backend=c.memory.backend,
+                        lr=c.memory.value_lr,
+                        weight_decay=c.memory.value_weight_decay,
+                        device=device,
                     )
                     for name in pool_names(c)
                 }

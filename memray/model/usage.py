@@ -3,6 +3,7 @@
 All metrics take per-slot statistics accumulated over some window of lookups: access counts and
 the softmax weight mass each slot received.
 """
+
 from __future__ import annotations
 
 import math

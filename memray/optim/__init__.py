@@ -5,6 +5,7 @@ their own weight decay and their own gradient clipping. With a sparse optimizer 
 gradients are row-sparse and the step touches only the rows a batch read; the row-sparse
 optimizers of :mod:`memray.optim.sparse` make that step cost O(rows read), state included.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,9 +60,13 @@ class OptimConfig:
             if v is not None and v <= 0:
                 raise ConfigError(name, f"must be > 0 or null, got {v}")
         if self.value_optimizer not in VALUE_OPTIMIZERS:
-            raise ConfigError("value_optimizer", f"{self.value_optimizer!r} is not one of {', '.join(VALUE_OPTIMIZERS)}")
+            raise ConfigError(
+                "value_optimizer", f"{self.value_optimizer!r} is not one of {', '.join(VALUE_OPTIMIZERS)}"
+            )
         if self.value_state_dtype not in STATE_DTYPES:
-            raise ConfigError("value_state_dtype", f"{self.value_state_dtype!r} is not one of {', '.join(STATE_DTYPES)}")
+            raise ConfigError(
+                "value_state_dtype", f"{self.value_state_dtype!r} is not one of {', '.join(STATE_DTYPES)}"
+            )
         if self.value_state_dtype != "fp32" and self.value_optimizer not in _BF16_STATE_OPTIMIZERS:
             raise ConfigError(
                 "value_state_dtype",
@@ -135,7 +140,9 @@ def grad_norm(params, all_reduce=None) -> torch.Tensor:
 
     ``all_reduce``: sums a tensor over the ranks that hold the other parts of ``params`` (the
     shards of sharded pools), so every rank gets the norm of the whole; called on every rank."""
-    squares = [(p.grad._values() if p.grad.is_sparse else p.grad).float().pow(2).sum() for p in params if p.grad is not None]
+    squares = [
+        (p.grad._values() if p.grad.is_sparse else p.grad).float().pow(2).sum() for p in params if p.grad is not None
+    ]
     total = torch.stack(squares).sum() if squares else torch.zeros(())
     if all_reduce is not None:
         total = all_reduce(total)
@@ -159,6 +166,16 @@ def clip_grads(params, max_norm: float | None, all_reduce=None) -> float:
 
 
 __all__ = [
-    "LazyAdam", "LazyAdamW", "OptimConfig", "RowSparseOptimizer", "RowSparseSGD", "RowWiseAdagrad",
-    "VALUE_OPTIMIZERS", "build_value_optimizer", "clip_grads", "dense_param_groups", "grad_norm", "lr_factor",
+    "LazyAdam",
+    "LazyAdamW",
+    "OptimConfig",
+    "RowSparseOptimizer",
+    "RowSparseSGD",
+    "RowWiseAdagrad",
+    "VALUE_OPTIMIZERS",
+    "build_value_optimizer",
+    "clip_grads",
+    "dense_param_groups",
+    "grad_norm",
+    "lr_factor",
 ]

@@ -31,6 +31,7 @@ State is plain tensors (``sum_sq`` [N] fp32; ``exp_avg``/``exp_avg_sq`` [N, D]; 
 without pickle. ``_step_rows`` is the one place each rule touches the table: a fused kernel can
 later replace a whole gather-compute-scatter there.
 """
+
 from __future__ import annotations
 
 import math
@@ -180,7 +181,9 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     def _init_state(self, group: dict, table: torch.Tensor, state: dict) -> None:
         pass
 
-    def _step_rows(self, group: dict, table: torch.Tensor, state: dict, rows: torch.Tensor, rows_grad: torch.Tensor) -> None:
+    def _step_rows(
+        self, group: dict, table: torch.Tensor, state: dict, rows: torch.Tensor, rows_grad: torch.Tensor
+    ) -> None:
         raise NotImplementedError
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -193,10 +196,12 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         """
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
-        id_map = dict(zip(
-            chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
-            chain.from_iterable(g["params"] for g in self.param_groups),
-        ))
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+            )
+        )
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for key, value in saved_state.items():
             if key not in id_map:
@@ -243,8 +248,16 @@ class RowWiseAdagrad(RowSparseOptimizer):
 
     _state_dtypes = {"sum_sq": torch.float32}
 
-    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0, *, fused: bool = True,
-                 row_mean=None):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        fused: bool = True,
+        row_mean=None,
+    ):
         """``row_mean``: ``{id(table): f}`` for tables holding a slice of each row (the column
         layout of a sharded pool): ``f(sums [U])`` turns this slice's per-row sums of squared
         gradients into the mean over the whole row (summing over the slices' ranks)."""
@@ -257,7 +270,11 @@ class RowWiseAdagrad(RowSparseOptimizer):
     def _step_rows(self, group, table, state, rows, rows_grad):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         row_mean = self.row_mean.get(id(table))
-        if row_mean is None and self.fused and rowwise_adagrad_(table.data, state["sum_sq"], rows, rows_grad, lr, eps, wd):
+        if (
+            row_mean is None
+            and self.fused
+            and rowwise_adagrad_(table.data, state["sum_sq"], rows, rows_grad, lr, eps, wd)
+        ):
             return
         weight = None
         if wd:
@@ -284,13 +301,33 @@ class LazyAdam(RowSparseOptimizer):
 
     _state_dtypes = {"exp_avg": "group", "exp_avg_sq": "group", "row_step": torch.int32}
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, decoupled: bool = False, state_dtype: str = "fp32", fused: bool = True):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        decoupled: bool = False,
+        state_dtype: str = "fp32",
+        fused: bool = True,
+    ):
         betas = tuple(float(b) for b in betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      decoupled=bool(decoupled), state_dtype=state_dtype), fused)
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                decoupled=bool(decoupled),
+                state_dtype=state_dtype,
+            ),
+            fused,
+        )
 
     def _init_state(self, group, table, state):
         dtype = STATE_DTYPES[group["state_dtype"]]
@@ -301,8 +338,19 @@ class LazyAdam(RowSparseOptimizer):
     def _step_rows(self, group, table, state, rows, rows_grad):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = group["betas"]
-        if self.fused and lazy_adam_(table.data, state["exp_avg"], state["exp_avg_sq"], state["row_step"], rows,
-                                     rows_grad, lr, (beta1, beta2), eps, wd, group["decoupled"]):
+        if self.fused and lazy_adam_(
+            table.data,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state["row_step"],
+            rows,
+            rows_grad,
+            lr,
+            (beta1, beta2),
+            eps,
+            wd,
+            group["decoupled"],
+        ):
             return
         weight = None
         if wd:
@@ -340,8 +388,17 @@ class LazyAdam(RowSparseOptimizer):
 class LazyAdamW(LazyAdam):
     """``LazyAdam`` with decoupled weight decay: ``w_r *= 1 - lr * wd`` on touched rows."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, state_dtype: str = "fp32", fused: bool = True):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        state_dtype: str = "fp32",
+        fused: bool = True,
+    ):
         super().__init__(params, lr, betas, eps, weight_decay, decoupled=True, state_dtype=state_dtype, fused=fused)
 
 

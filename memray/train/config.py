@@ -1,4 +1,5 @@
 """The resolved configuration of a training run: one object, one YAML file."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -56,8 +57,9 @@ class DistributedConfig:
         if self.max_failures and self.launcher != "ray":
             raise ConfigError("max_failures", "restarts need launcher: ray")
         if self.max_failures and self.zero_stage == 3:
-            raise ConfigError("max_failures", "a restart resumes from a checkpoint, which ZeRO-3 cannot load yet: "
-                              "use zero_stage 0-2")
+            raise ConfigError(
+                "max_failures", "a restart resumes from a checkpoint, which ZeRO-3 cannot load yet: use zero_stage 0-2"
+            )
         if self.cpus_per_worker <= 0:
             raise ConfigError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
 
@@ -99,9 +101,13 @@ class RunConfig:
             return
         dims = ParallelDims(workers, self.model.memory.parallel_size)
         if self.model.memory_layers:
-            dims.check_table(self.model.memory.num_slots, self.model.memory.v_dim or self.model.dim, self.model.memory.layout)
+            dims.check_table(
+                self.model.memory.num_slots, self.model.memory.v_dim or self.model.dim, self.model.memory.layout
+            )
         if self.train.batch_size < workers:
-            raise ConfigError("train.batch_size", f"{self.train.batch_size} sequences cannot be split over {workers} workers")
+            raise ConfigError(
+                "train.batch_size", f"{self.train.batch_size} sequences cannot be split over {workers} workers"
+            )
 
 
 def load_run_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:

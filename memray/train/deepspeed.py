@@ -6,6 +6,7 @@ pool and stage 0 would all-reduce its gradient, while a pool must stay where its
 be updated row-sparsely. The dense optimizer is a client ``torch.optim.AdamW`` (DeepSpeed's own
 optimizers compile C++ ops first), with memray's decay groups and lr schedule.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,7 +46,9 @@ class LossModule(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         logits = self.model(inputs)
-        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum")
+        return nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum"
+        )
 
 
 def ds_config(config: RunConfig, micro_batch: int, world_size: int, bf16: bool) -> dict:
@@ -126,9 +129,11 @@ def full_adam_moments(engine) -> dict[str, torch.Tensor]:
                 value = state.get(key)
             else:
                 value = safe_get_full_optimizer_state(p, key) if _has_state(engine) else None
-            out[f"{key}.{name}"] = (torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
-                                    if value is None else value.detach().float().cpu().clone().view(
-                                        p.ds_shape if hasattr(p, "ds_shape") else p.shape))
+            out[f"{key}.{name}"] = (
+                torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+                if value is None
+                else value.detach().float().cpu().clone().view(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+            )
     return out
 
 

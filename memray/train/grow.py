@@ -11,6 +11,7 @@ directory ``DIR`` holding one committed checkpoint with the grown config, which 
 --resume DIR`` continues (training grows the new keys and rows from there) and ``memray eval``
 reads. The grown tables are built in this process's memory.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -81,5 +82,6 @@ def grow_checkpoint(path: str | Path, n_keys: int, out: str | Path) -> Path:
     keep = {k: v for k, v in attrs.items() if k not in ("step", "pools")}
     keep.update(world_size=1, layout="unsharded", zero_stage=None)  # written here by one process
     keep["grown_from"] = {"checkpoint": str(ckpt.resolve()), "n_keys": n}
-    return save_sharded_checkpoint(out / "checkpoints", manifest["step"], dense, dump_yaml(grown), pools,
-                                   attrs=keep, dense_optimizer=dense_moments)
+    return save_sharded_checkpoint(
+        out / "checkpoints", manifest["step"], dense, dump_yaml(grown), pools, attrs=keep, dense_optimizer=dense_moments
+    )

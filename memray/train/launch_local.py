@@ -4,6 +4,7 @@
 here (``torch.multiprocessing``-style spawn, gloo on CPU) or Ray Train workers, which call the
 same function.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,9 @@ from .config import RunConfig
 from .trainer import ZERO3_RESUME, Trainer, default_run_dir
 
 
-def train_worker(config: RunConfig, run_dir: str, progress: bool = False, resume: str | None = None,
-                 on_checkpoint=None) -> dict:
+def train_worker(
+    config: RunConfig, run_dir: str, progress: bool = False, resume: str | None = None, on_checkpoint=None
+) -> dict:
     """Join the process group described by the environment (or the one already initialised, as
     under Ray Train), train (from ``resume``, a checkpoint of any world size), leave a group it
     created. ``on_checkpoint(path, metrics)`` runs on every rank after each committed save."""
@@ -34,8 +36,9 @@ def train_worker(config: RunConfig, run_dir: str, progress: bool = False, resume
             shutdown_distributed()
 
 
-def train_local(config: RunConfig, run_dir: str | Path | None = None, progress: bool = False,
-                resume: str | Path | None = None) -> dict:
+def train_local(
+    config: RunConfig, run_dir: str | Path | None = None, progress: bool = False, resume: str | Path | None = None
+) -> dict:
     """Train on ``config.distributed.workers`` local processes; rank 0's result."""
     from memray.checkpoint import find_checkpoint
     from memray.distributed import spawn

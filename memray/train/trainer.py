@@ -16,6 +16,7 @@ divided by N) are those of the single-process run on the same global batch.
 Everything a run produces goes to its run directory, written by rank 0: ``config.yaml``,
 ``metrics.jsonl``, ``log.txt``, ``checkpoints/``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,11 @@ from .config import RunConfig
 
 # Restoring Adam moments into ZeRO-3 partitions is not exact yet; checkpoints do not depend on
 # the stage that wrote them, so a ZeRO-3 run resumes at stage 0-2.
-ZERO3_RESUME = ConfigError("distributed.zero_stage", "resuming into ZeRO-3 is not supported yet: resume with stage "
-                           "0, 1 or 2 (checkpoints do not depend on the stage that wrote them)")
+ZERO3_RESUME = ConfigError(
+    "distributed.zero_stage",
+    "resuming into ZeRO-3 is not supported yet: resume with stage "
+    "0, 1 or 2 (checkpoints do not depend on the stage that wrote them)",
+)
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -64,7 +68,9 @@ class _LocalDense:
         pool_ids = {id(t.weight) for t in model.value_tables().values()}
         named = [(n, p) for n, p in model.named_parameters() if id(p) not in pool_ids]
         self.model, self.grad_clip = model, o.grad_clip
-        self.optimizer = torch.optim.AdamW(dense_param_groups(named, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.optimizer = torch.optim.AdamW(
+            dense_param_groups(named, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+        )
 
     def loss_sum(self, inputs, targets):
         logits = self.model(inputs)
@@ -104,7 +110,9 @@ def _adam_moments(optimizer, named) -> dict[str, torch.Tensor]:
     for name, p in named:
         state = optimizer.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
-            out[f"{key}.{name}"] = state[key].detach().clone() if key in state else torch.zeros_like(p, dtype=torch.float32)
+            out[f"{key}.{name}"] = (
+                state[key].detach().clone() if key in state else torch.zeros_like(p, dtype=torch.float32)
+            )
     return out
 
 
@@ -168,12 +176,21 @@ class Trainer:
         torch.manual_seed(config.seed)
         documents, self.facts, self.tokenizer = load_documents(config.data)
         if config.model.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the {self.tokenizer.name} "
-                              f"tokenizer's {self.tokenizer.vocab_size} ids")
+            raise ConfigError(
+                "model.vocab_size",
+                f"{config.model.vocab_size} is smaller than the {self.tokenizer.name} "
+                f"tokenizer's {self.tokenizer.vocab_size} ids",
+            )
         # the global batch is the same on any number of ranks; each rank builds only its rows of it
         shares = balanced_ranges(config.train.batch_size, self.world)
-        self.batches = PackedBatches(documents, config.data.seq_len, config.train.batch_size, self.tokenizer.pad_id,
-                                     config.seed, rows=slice(*shares[self.rank]))
+        self.batches = PackedBatches(
+            documents,
+            config.data.seq_len,
+            config.train.batch_size,
+            self.tokenizer.pad_id,
+            config.seed,
+            rows=slice(*shares[self.rank]),
+        )
         o = config.optim
         if context is None:
             self.model = Transformer(config.model)
@@ -184,9 +201,16 @@ class Trainer:
             m = config.model.memory
             pools = {
                 name: ShardedValueTable(
-                    m.num_slots, m.v_dim or config.model.dim, group=context.memory_group, layout=m.layout,
-                    init_std=m.value_init_std, backend=m.backend, lr=m.value_lr, weight_decay=m.value_weight_decay,
-                    sparse_grad=o.sparse_values, device=context.device,
+                    m.num_slots,
+                    m.v_dim or config.model.dim,
+                    group=context.memory_group,
+                    layout=m.layout,
+                    init_std=m.value_init_std,
+                    backend=m.backend,
+                    lr=m.value_lr,
+                    weight_decay=m.value_weight_decay,
+                    sparse_grad=o.sparse_values,
+                    device=context.device,
                 )
                 for name in pool_names(config.model)
             }
@@ -284,7 +308,11 @@ class Trainer:
         dense, moments = self.dense.state_dict(), self.dense.optimizer_state()
         pools, scalars = {}, {}
         for name, table in self.tables.items():
-            tensors = {"weight": table.weight.detach(), "usage_count": table.usage_count, "usage_mass": table.usage_mass}
+            tensors = {
+                "weight": table.weight.detach(),
+                "usage_count": table.usage_count,
+                "usage_mass": table.usage_mass,
+            }
             state = self.value_optimizer.state.get(table.weight, {}) if self.value_optimizer is not None else {}
             for key, value in state.items():
                 if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == table.weight.shape[0]:
@@ -293,14 +321,25 @@ class Trainer:
                     scalars.setdefault(name, {})[key] = float(value)
             pools[name] = (table, tensors)
         c = self.config
-        attrs = {"world_size": self.world, "layout": c.model.memory.layout if self.context else "unsharded",
-                 "zero_stage": c.distributed.zero_stage if self.context else None, "tokens": self.tokens,
-                 "data_position": {"epoch": self.batches.position.epoch, "batch": self.batches.position.batch},
-                 "value_optimizer_scalars": scalars}
+        attrs = {
+            "world_size": self.world,
+            "layout": c.model.memory.layout if self.context else "unsharded",
+            "zero_stage": c.distributed.zero_stage if self.context else None,
+            "tokens": self.tokens,
+            "data_position": {"epoch": self.batches.position.epoch, "batch": self.batches.position.batch},
+            "value_optimizer_scalars": scalars,
+        }
         return start_sharded_checkpoint(
-            self.run_dir / "checkpoints", self.step, dense if self.rank == 0 else None, dump_yaml(c), pools,
-            group=self.context.memory_group if self.context else None, keep_last=c.train.keep_last, attrs=attrs,
-            dense_optimizer=moments if self.rank == 0 else None, background=background,
+            self.run_dir / "checkpoints",
+            self.step,
+            dense if self.rank == 0 else None,
+            dump_yaml(c),
+            pools,
+            group=self.context.memory_group if self.context else None,
+            keep_last=c.train.keep_last,
+            attrs=attrs,
+            dense_optimizer=moments if self.rank == 0 else None,
+            background=background,
             extra_files={TOKENIZER_FILE: self.tokenizer.path} if getattr(self.tokenizer, "path", None) else None,
         )
 
@@ -311,8 +350,10 @@ class Trainer:
             raise ZERO3_RESUME
         ckpt, manifest, attrs, weights, moments = load_training_state(path)
         rows = len(self.batches.rows)
-        sample = (torch.zeros(rows, self.config.data.seq_len, dtype=torch.long, device=self.device),
-                  torch.zeros(rows, self.config.data.seq_len, dtype=torch.long, device=self.device))
+        sample = (
+            torch.zeros(rows, self.config.data.seq_len, dtype=torch.long, device=self.device),
+            torch.zeros(rows, self.config.data.seq_len, dtype=torch.long, device=self.device),
+        )
         self.model.eval()  # the engine's state-creating step must not count usage
         self.dense.restore(weights, moments, attrs["step"], sample)
         for name, table in self.tables.items():
@@ -326,7 +367,9 @@ class Trainer:
             table.weight.grad = None
             if self.value_optimizer is not None:
                 state = {k.removeprefix("optim."): v.to(table.weight.device) for k, v in arrays.items()}
-                state.update({k: torch.tensor(v) for k, v in attrs.get("value_optimizer_scalars", {}).get(name, {}).items()})
+                state.update(
+                    {k: torch.tensor(v) for k, v in attrs.get("value_optimizer_scalars", {}).get(name, {}).items()}
+                )
                 self.value_optimizer.state[table.weight] = state
         self.step, self.tokens = attrs["step"], attrs["tokens"]
         self.batches.position = Position(**attrs["data_position"])
@@ -346,7 +389,8 @@ class Trainer:
         inputs, targets = inputs.to(device), targets.to(device)
         autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
-            if c.train.precision == "bf16" else contextlib.nullcontext()
+            if c.train.precision == "bf16"
+            else contextlib.nullcontext()
         )
         with autocast:
             loss = self.dense.loss_sum(inputs, targets) / max(num_targets, 1)
@@ -377,8 +421,14 @@ class Trainer:
         c = self.config
         self._open_run_dir()
         params = count_parameters(self.model)
-        where = f" on {self.world} ranks (ZeRO-{c.distributed.zero_stage}, {c.model.memory.layout} layout)" if self.context else ""
-        self.log(f"run {c.name} in {self.run_dir}{where}: {params['dense']:,} dense + {params['memory']:,} memory parameters")
+        where = (
+            f" on {self.world} ranks (ZeRO-{c.distributed.zero_stage}, {c.model.memory.layout} layout)"
+            if self.context
+            else ""
+        )
+        self.log(
+            f"run {c.name} in {self.run_dir}{where}: {params['dense']:,} dense + {params['memory']:,} memory parameters"
+        )
         bar = tqdm(total=c.train.steps, desc=c.name, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
         last, pending = {}, None
@@ -396,9 +446,16 @@ class Trainer:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{window_tokens / max(elapsed, 1e-9):,.0f}")
                 if self.step % c.train.log_every == 0 or self.step == c.train.steps:
                     value_lr = self.value_optimizer.param_groups[0]["lr"] if self.value_optimizer else None
-                    last = {"step": self.step, **stats, "value_lr": value_lr, "tokens": self.tokens,
-                            "tokens_per_s": window_tokens / max(elapsed, 1e-9), "epoch": self.batches.position.epoch,
-                            **self._usage_window(), **self._lookup_window(window_steps)}
+                    last = {
+                        "step": self.step,
+                        **stats,
+                        "value_lr": value_lr,
+                        "tokens": self.tokens,
+                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        "epoch": self.batches.position.epoch,
+                        **self._usage_window(),
+                        **self._lookup_window(window_steps),
+                    }
                     if self.rank == 0:
                         self._metrics.write(json.dumps(last) + "\n")
                         self._metrics.flush()
@@ -417,7 +474,12 @@ class Trainer:
             self._committed(checkpoint, last)
         finally:
             bar.close()
-        result = {"run_dir": str(self.run_dir), "checkpoint": str(checkpoint), "step": self.step, "loss": last.get("loss")}
+        result = {
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(checkpoint),
+            "step": self.step,
+            "loss": last.get("loss"),
+        }
         if c.train.eval_facts and self.facts and self.rank == 0:
             model = self.model if self.context is None else load_trained_model(checkpoint)[0]
             recall = fact_recall(model, self.facts[: c.train.eval_facts], self.tokenizer)
@@ -453,7 +515,9 @@ def load_trained_model(path: str | Path) -> tuple[Transformer, RunConfig, Path, 
             tensors.update({f"pools.{name}.{key}": arrays[key] for key in ("weight", "usage_count", "usage_mass")})
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise InputError(f"checkpoint {ckpt}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise InputError(
+            f"checkpoint {ckpt}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.eval()
     return model, config, ckpt, manifest
 
