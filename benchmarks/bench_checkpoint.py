@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 from common import machine_info, write_table  # noqa: E402
 
 from memray.checkpoint.sharded import load_pool_shard, save_sharded_checkpoint  # noqa: E402
-from memray.model.memory import ValueTable  # noqa: E402
+from memray.model import ValueTable  # noqa: E402
 
 NAME = "bench_checkpoint"
 DIM = 256
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
                             handle.write(t.numpy().data)
                         _fsync(target / key)
                 elif method == "memray":
-                    save_sharded_checkpoint(target, 1, {}, "name: bench\n", {"values": (table, tensors)})
+                    save_sharded_checkpoint(target, 1, {}, "name: bench\n", {"values": (table.shard, tensors)})
                 else:
                     torch.save(tensors, target / "state.pt")
                     _fsync(target / "state.pt")

@@ -257,7 +257,7 @@ def run_options(reps, gen, bags, copy, log2_rows=20, with_compile=False):
     # The parts are timed on their own first: their [nnz, D] temporaries would otherwise crowd
     # the memory the alternatives run in.
     part_medians, part_copy = copy.timed(parts, reps)
-    del gathered_grads, gathered_rows, acc_rows, parts
+    gathered_grads = gathered_rows = acc_rows = parts = None  # free them: the lambdas above are done
     medians, copy_bps = copy.timed(fns, reps)
     rows = [
         dict(
@@ -341,7 +341,7 @@ def run_options(reps, gen, bags, copy, log2_rows=20, with_compile=False):
                 copy_gbps=copy_bps / 1e9,
             )
         )
-    del reused
+    reused = None  # free it: the lambdas above are done
 
     # Vector ISA: the default (AVX2 + FMA) build against a baseline x86-64 build of the same source.
     isa = cpu_ext._isa_flags()[0]
@@ -504,7 +504,7 @@ def main(argv=None):
                     f"(copy {copy_bps / 1e9:.1f} GB/s)",
                     flush=True,
                 )
-        del table, fns
+        table = fns = None  # free them before the next size: the lambdas above are done
 
     if args.options:
         for row in run_options(reps, gen, bags, copy, args.options_log2_rows, args.with_compile):

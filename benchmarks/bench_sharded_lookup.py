@@ -68,8 +68,7 @@ def _peak_rss_mib() -> float:
 def _lookup_worker(backend, layout, rows, dim, tokens, lookups, warmup, reps) -> dict:
     ctx = init_distributed(backend)
     table = ShardedValueTable(rows, dim, group=ctx.memory_group, layout=layout, init_seed=0, device=ctx.device)
-    row_mean = {id(table.weight): table.row_mean_square} if table.row_mean_square else None
-    optimizer = RowWiseAdagrad([table.weight], lr=0.01, row_mean=row_mean)
+    optimizer = RowWiseAdagrad([{"params": [table.weight], "row_dim": table.dim}], lr=0.01, all_reduce=table.all_reduce)
     generator = torch.Generator().manual_seed(1000 + ctx.rank)
     times, sent = [], []
     for rep in range(warmup + reps):

@@ -255,7 +255,8 @@ def main(argv=None) -> dict:
         name,
         rows,
         ["log2_rows", "method", "ms", "x_rowwise_adagrad", "unique_rows", "touched_MB"],
-        title=f"Value-table step on {device.type}, D = {D} fp32, {TOKENS} tokens x {BAG_LEN} lookups; medians of {reps}",
+        title=f"Value-table step on {device.type}, D = {D} fp32, {TOKENS} tokens x {BAG_LEN} lookups; "
+        f"medians of {reps}",
         machine=info,
         summary=summary,
     )

@@ -81,7 +81,7 @@ def check_cases(smoke=False):
 
     def near_end(num_rows):
         rows = [num_rows - 1, 0, num_rows - 2, 65_537 % num_rows, num_rows - 1, 32_768 % num_rows]
-        return lambda g: (torch.tensor(rows).view(2, 3), None)
+        return lambda _generator: (torch.tensor(rows).view(2, 3), None)
 
     cases = [
         ("fixed B63 L7 D33", 1000, 33, fixed(1000, 63, 7)),
@@ -251,7 +251,7 @@ def run_timings(K, device, backend, reps, log2_rows_list, tokens_list, dtypes, c
     src = torch.empty(copy_bytes // 4, device=device).uniform_()
     dst = torch.empty_like(src)
     copy_bps = 2 * copy_bytes / interleaved_medians({"copy": lambda: dst.copy_(src)}, max(reps, 5), sync)["copy"]
-    del src, dst
+    src = dst = None  # free them: the copy timing is done
     rows = []
     for log2_rows in log2_rows_list:
         for dtype in dtypes:

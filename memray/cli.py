@@ -76,7 +76,7 @@ def train(config, overrides, run_dir, no_progress, workers, address, resume):
       memray train tiny --set distributed.launcher=processes              # local processes, no Ray
     """
     from memray.train import Trainer, load_run_config, train_local
-    from memray.train.trainer import default_run_dir
+    from memray.train.rundir import resolve_run_dir
 
     if workers is not None:
         overrides = [*overrides, f"distributed.workers={workers}"]
@@ -88,7 +88,7 @@ def train(config, overrides, run_dir, no_progress, workers, address, resume):
     if d.workers >= 1 and d.launcher == "ray":
         from memray.launch.ray_train import train_on_ray
 
-        run_dir = run_dir or run_config.run_dir or default_run_dir(run_config)
+        run_dir = resolve_run_dir(run_config, run_dir)
         result = train_on_ray(run_config, run_dir, progress, resume, address=address)
     elif d.workers >= 1:
         result = train_local(run_config, run_dir, progress, resume)
@@ -117,9 +117,9 @@ def evaluate(checkpoint, facts_path, limit, as_json, min_recall):
     Example:
       memray eval runs/demo --facts runs/demo/data/facts.jsonl
     """
+    from memray.checkpoint.model import load_trained_model
     from memray.data import read_facts, saved_tokenizer
     from memray.evaluate import fact_recall
-    from memray.train.trainer import load_trained_model
 
     facts = read_facts(facts_path)
     if limit > 0:
@@ -297,7 +297,7 @@ def inspect(checkpoint, as_json, pool, slot, usage_png):
 @click.argument("checkpoint", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["safetensors"]), default="safetensors", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The file to write.")
-def export(checkpoint, fmt, out):
+def export(checkpoint, fmt, out):  # noqa: ARG001 - safetensors is the one format; click checks the choice
     """Write the whole model (dense weights and every value pool, gathered) into one file.
 
     The pools are assembled in memory: for tables larger than RAM read memory.zarr directly.
@@ -308,7 +308,7 @@ def export(checkpoint, fmt, out):
     """
     from safetensors.torch import save_file
 
-    from memray.train.trainer import load_trained_model
+    from memray.checkpoint.model import load_trained_model
 
     model, _, ckpt, manifest = load_trained_model(checkpoint)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

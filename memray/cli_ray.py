@@ -101,12 +101,11 @@ def submit(config, overrides, workers, run_dir, resume, submission_id, no_wait, 
     Example:
       memray submit tiny --address http://127.0.0.1:8265 --workers 2 --set distributed.zero_stage=2
     """
-    from pathlib import Path
 
     from memray.config import dump_yaml
     from memray.launch import jobs
     from memray.train import load_run_config
-    from memray.train.trainer import default_run_dir
+    from memray.train.rundir import resolve_run_dir
 
     if workers is not None:
         overrides = [*overrides, f"distributed.workers={workers}"]
@@ -115,7 +114,7 @@ def submit(config, overrides, workers, run_dir, resume, submission_id, no_wait, 
         raise UsageError("a submitted job trains on Ray Train workers: --workers >= 1, distributed.launcher: ray")
     run_config.check_world()
     run_config = run_config.with_absolute_paths()  # a job runs in its own working directory
-    run_dir = str(Path(run_dir or run_config.run_dir or default_run_dir(run_config)).resolve())
+    run_dir = str(resolve_run_dir(run_config, run_dir).resolve())
     client, job_id, new = jobs.submit(
         dump_yaml(run_config),
         address=address,

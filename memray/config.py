@@ -97,7 +97,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise exc.under(prefix) if prefix else exc
+        raise (exc.under(prefix) if prefix else exc) from None
 
 
 def to_dict(config: Any) -> dict:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from memray.checkpoint import pools as pool_store
 from memray.checkpoint.sharded import load_pool_shard, save_sharded_checkpoint, verify_checkpoint
-from memray.distributed import ShardedValueTable, balanced_ranges, init_distributed, spawn
+from memray.distributed import ShardedValueTable, balanced_ranges, collectives, init_distributed, spawn
 from memray.errors import InputError
 from memray.optim import LazyAdam
 
@@ -39,11 +39,11 @@ def _save_worker(root):
         3,
         {"dense.w": torch.ones(2)},
         "name: t\n",
-        {"values": (table, tensors)},
+        {"values": (table.shard, tensors)},
         group=ctx.memory_group,
         attrs={"world_size": ctx.world_size, "layout": "row"},
     )
-    full = {k: table._gather_rows(v.detach()) for k, v in tensors.items()}
+    full = {k: collectives.gather_rows(v.detach()) for k, v in tensors.items()}
     dist.destroy_process_group()
     return str(path), {k: (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy() for k, v in full.items()}
 
@@ -146,11 +146,11 @@ def test_verify_command(saved, tmp_path):
 _WRITER = """
 import sys, torch
 from memray.checkpoint.sharded import save_sharded_checkpoint
-from memray.model.memory import ValueTable
+from memray.model import ValueTable
 root, rows = sys.argv[1], int(sys.argv[2])
 for step in (1, 2):
     table = ValueTable(rows if step == 2 else 64, 256)
-    save_sharded_checkpoint(root, step, {}, "name: t\\n", {"values": (table, {"weight": table.weight.detach()})})
+    save_sharded_checkpoint(root, step, {}, "name: t\\n", {"values": (table.shard, {"weight": table.weight.detach()})})
     print("saved", step, flush=True)
 """
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from memray.checkpoint.model import load_trained_model
 from memray.data import read_facts
 from memray.evaluate import fact_recall
 from memray.train import Trainer, load_run_config
-from memray.train.trainer import load_trained_model
 
 
 @pytest.mark.demo

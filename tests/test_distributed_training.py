@@ -197,7 +197,7 @@ def test_cli_workers_give_the_single_process_losses(workers, launcher, single_ru
     else:
         assert last["lookup/layer1/bytes_sent"] == [0.0]
     # the sharded checkpoint (pools in memory.zarr, written by every rank) loads as the same model
-    from memray.train.trainer import load_trained_model
+    from memray.checkpoint.model import load_trained_model
 
     (one_model, *_), (many_model, *_) = load_trained_model(tmp_path / "one"), load_trained_model(tmp_path / "many")
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))

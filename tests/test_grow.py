@@ -5,12 +5,11 @@ import json
 import torch
 from click.testing import CliRunner
 
+from memray.checkpoint.model import load_trained_model
 from memray.cli import main
-from memray.data import read_facts
+from memray.data import ByteTokenizer, read_facts
 from memray.evaluate import greedy_answers
-from memray.data import ByteTokenizer
 from memray.train import Trainer, load_run_config
-from memray.train.trainer import load_trained_model
 
 FACTS = [
     "data.num_entities=16",
@@ -39,7 +38,7 @@ def test_grown_memory_keeps_slots_and_recall(tmp_path):
     result = CliRunner().invoke(main, ["grow", str(tmp_path / "run"), "--n-keys", "20", "--out", str(tmp_path / "big")])
     assert result.exit_code == 0, result.output
     after_model, grown, _, _ = load_trained_model(tmp_path / "big")
-    assert grown.model.memory.n_keys == 20 and config.model.memory.n_keys == 12
+    assert grown.memory.n_keys == 20 and config.memory.n_keys == 12
     old, new = before_model.pools["layer1"].weight.detach(), after_model.pools["layer1"].weight.detach()
     assert new.shape[0] == 400
     moved = torch.tensor([i * 20 + j for i in range(12) for j in range(12)])

@@ -14,10 +14,10 @@ import sys
 
 import pytest
 import torch
+from tolerances import TOL, assert_close
 
 import memray.kernels as K
 from memray.kernels import _alloc, bag_backward, bag_forward, cpu_ext, embedding_bag, embedding_bag_reference
-from tolerances import TOL, assert_close
 
 EB_MODULE = sys.modules["memray.kernels.embedding_bag"]
 KERNELS_DIR = pathlib.Path(K.__file__).resolve().parent

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import assert_close
 
 from memray.model import MemoryConfig, ProductKeyMemory, ValueTable, usage_metrics
-from tolerances import assert_close
 
 
 def make_layer(dim=24, dtype=torch.float32, **overrides):
@@ -47,7 +47,7 @@ def test_topk_sees_slots_beyond_per_half_top_when_knn_exceeds_n_keys():
     assert torch.equal(indices.sort(-1).values, torch.arange(16).expand(5, 1, 16))
 
 
-def reference_forward(x, p, config, n_keys, knn, heads, half):
+def reference_forward(x, p, n_keys, knn, heads, half):
     """Plain float64 memory layer: brute-force scores over all slots, no product-key tricks."""
     tokens = x.reshape(-1, x.shape[-1])
     q = (tokens @ p["query_proj.weight"].T + p["query_proj.bias"]).view(-1, heads, 2, half)
@@ -81,7 +81,7 @@ def test_layer_output_and_gradients_match_float64_reference(v_dim):
 
     params = {n: p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters()}
     x_ref = x.detach().clone().requires_grad_(True)
-    ref = reference_forward(x_ref, params, layer.config, n_keys, knn, heads, k_dim // 2)
+    ref = reference_forward(x_ref, params, n_keys, knn, heads, k_dim // 2)
     ref.backward(grad_out)
 
     assert_close(out, ref)

@@ -40,7 +40,7 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 
 from memray.errors import ConfigError  # noqa: E402
-from memray.model.memory import ValueTable  # noqa: E402
+from memray.model import ValueTable  # noqa: E402
 from memray.optim import (  # noqa: E402
     VALUE_OPTIMIZERS,
     LazyAdam,

@@ -1,7 +1,6 @@
 """Packed batches: deterministic, disjoint per rank, independent of the number of ranks."""
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 

@@ -29,7 +29,7 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
 
 def _layer_case(ctx, layout: str, tokens_per_rank: list[int]) -> dict:
     """A whole memory layer: outputs and every gradient against the unsharded layer."""
-    rank, world = ctx.rank, ctx.world_size
+    rank = ctx.rank
     torch.manual_seed(0)
     reference = ProductKeyMemory(DIM, CONFIG)
     torch.manual_seed(0)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from memray.checkpoint.model import load_trained_model
 from memray.train import Trainer, load_run_config
-from memray.train.trainer import load_trained_model
 
 
 def tiny(tmp_path, *overrides):
@@ -53,7 +53,7 @@ def test_checkpoint_reloads_the_same_model(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-00000004"]  # keep_last=1 removed step 2
     model, config, ckpt, manifest = load_trained_model(tmp_path)
-    assert manifest["step"] == 4 and str(ckpt) == result["checkpoint"] and config == trainer.config
+    assert manifest["step"] == 4 and str(ckpt) == result["checkpoint"] and config == trainer.config.model
     tokens = torch.randint(0, 259, (2, 16))
     trainer.model.eval()
     torch.testing.assert_close(model(tokens), trainer.model(tokens), rtol=0, atol=0)

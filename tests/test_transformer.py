@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from memray.model import MemoryConfig, ModelConfig, MoEConfig, ProductKeyMemory, Transformer, ValueTable
+from memray.model import MemoryConfig, ModelConfig, MoEConfig, Transformer, build_pools
 
 
 def small_config(**overrides):
@@ -67,16 +67,27 @@ def test_pools_are_shared_as_configured_and_saved_once():
     assert id(model.pools["shared"].weight) not in dense_ids and id(model.embed.weight) in dense_ids
 
 
-def test_pools_can_be_supplied_from_outside():
-    model = Transformer(small_config())
+def test_pools_built_outside_equal_owned_pools_and_stay_unregistered():
+    """build_pools then Transformer(pools=...) draws the same numbers as a model that builds its
+    own pools (what makes a sharded run start as a single-process one); the pools given are read
+    by the layers but are not the model's parameters or state."""
+    torch.manual_seed(3)
+    owned = Transformer(small_config())
+    torch.manual_seed(3)
+    pools = build_pools(small_config())
+    model = Transformer(small_config(), pools=pools)
     tokens = torch.randint(0, 259, (2, 9))
-    outside = {name: ValueTable(t.num_rows, t.dim) for name, t in model.pools.items()}
-    for name, table in outside.items():
-        table.weight.data.copy_(model.pools[name].weight.data)
-    torch.testing.assert_close(model(tokens, pools=outside), model(tokens))
+    torch.testing.assert_close(model(tokens), owned(tokens), rtol=0, atol=0)
+    assert model.memory_layers()[0].values is pools["shared"]
+    assert not any(k.startswith("pools.") for k in model.state_dict())
+    assert {id(p) for p in model.parameters()} == {id(p) for p in model.dense_parameters()}
+    model(tokens).sum().backward()
+    assert pools["shared"].weight.grad is not None and pools["shared"].weight.grad.is_sparse
     with torch.no_grad():
-        outside["layer2"].weight.mul_(2)
-    assert not torch.allclose(model(tokens, pools=outside), model(tokens))
+        pools["layer2"].weight.mul_(2)
+    assert not torch.allclose(model(tokens), owned(tokens))
+    with pytest.raises(ValueError, match="layer2"):
+        Transformer(small_config(), pools={"shared": pools["shared"]})
 
 
 def test_attention_is_causal():

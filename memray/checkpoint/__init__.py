@@ -103,14 +103,22 @@ def find_checkpoint(path: str | Path) -> Path:
     raise InputError(f"no committed checkpoint in {path}")
 
 
-def load_checkpoint(path: str | Path) -> tuple[Path, dict, str, dict[str, torch.Tensor]]:
-    """(checkpoint dir, manifest, config YAML text, tensors); checksums verified first."""
+def read_manifest(path: str | Path) -> tuple[Path, dict]:
+    """(checkpoint dir, its ``COMMITTED`` manifest): ``files`` (and ``chunks``) checked for shape."""
     ckpt = find_checkpoint(path)
     try:
         manifest = json.loads((ckpt / COMMITTED).read_text())
-        files = manifest["files"]
+        if not isinstance(manifest["files"], dict) or not isinstance(manifest.get("chunks", {}), dict):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
         raise InputError(f"checkpoint {ckpt}: {COMMITTED} is not a valid manifest") from None
+    return ckpt, manifest
+
+
+def load_checkpoint(path: str | Path) -> tuple[Path, dict, str, dict[str, torch.Tensor]]:
+    """(checkpoint dir, manifest, config YAML text, tensors); checksums verified first."""
+    ckpt, manifest = read_manifest(path)
+    files = manifest["files"]
     for name in (WEIGHTS, CONFIG):
         if name not in files:
             raise InputError(f"checkpoint {ckpt}: manifest lists no {name}")

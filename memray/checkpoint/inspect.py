@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from memray.errors import InputError
 
+from . import WEIGHTS
+from .model import read_model_config
 from .pools import STORE
 from .sharded import load_pool_shard, pool_info, verify_checkpoint
 
@@ -36,7 +37,7 @@ def _pool_reader(ckpt: Path, manifest: dict, name: str):
         return info["num_rows"], info["dim"], sample.dtype, read
     from safetensors import safe_open
 
-    handle = safe_open(str(ckpt / "model.safetensors"), framework="pt")
+    handle = safe_open(str(ckpt / WEIGHTS), framework="pt")
     weight = handle.get_slice(f"pools.{name}.weight")
     rows, dim = weight.get_shape()
 
@@ -84,11 +85,9 @@ def describe(
     """Step, world size, layout, checksum status and, per pool, shape, dtype, usage metrics and
     value norms; with ``slot``, that slot's value norm, usage and the layers that read it."""
     from memray.model import usage_metrics
-    from memray.train.config import RunConfig
-    from memray.config import from_dict
 
     ckpt, manifest = verify_checkpoint(path)  # raises, naming the damage, before anything is read
-    config = from_dict(RunConfig, yaml.safe_load((ckpt / "config.yaml").read_text()))
+    config = read_model_config(ckpt)
     attrs = pool_info(ckpt) if (ckpt / STORE).is_dir() else {}
     readers = {name: layers for name, layers in _layers_by_pool(config).items() if pool in (None, name)}
     if pool is not None and pool not in readers:
@@ -142,7 +141,7 @@ def describe(
 
 def _layers_by_pool(config) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
-    for block, name in config.model.pool_of().items():
+    for block, name in config.pool_of().items():
         out.setdefault(name, []).append(block)
     return out
 

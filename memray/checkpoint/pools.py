@@ -28,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from memray.distributed import collectives
 from memray.distributed.plan import balanced_ranges
 from memray.errors import InputError
 from memray.files import sha256_file
+from memray.model.values import TableShard
 
 STORE = "memory.zarr"
 CHUNK_BYTES = 64 << 20  # target size of one chunk file
@@ -60,23 +61,20 @@ def _chunk_path(array_dir: Path, chunk: int, ndim: int) -> Path:
     return array_dir.joinpath("c", str(chunk), *(["0"] if ndim == 2 else []))
 
 
-def _to_row_layout(local: torch.Tensor, table, group) -> torch.Tensor:
-    """This rank's rows (row layout of the saving world) of a tensor sharded like ``table``."""
-    if table.layout == "row" or table.world == 1:
+def _to_row_layout(local: torch.Tensor, shard: TableShard, group) -> torch.Tensor:
+    """This rank's rows (row layout of the saving world) of a tensor sharded like ``shard``."""
+    if shard.layout != "column" or shard.world == 1:
         return local
-    ranges = balanced_ranges(table.num_rows, table.world)
+    ranges = balanced_ranges(shard.num_rows, shard.world)
     if local.dim() == 1:  # per-row state is whole on every column rank
-        start, stop = ranges[table.rank]
+        start, stop = ranges[shard.rank]
         return local[start:stop]
     width = local.shape[1]
     send = torch.cat([local[a:b].reshape(-1) for a, b in ranges])
-    mine = ranges[table.rank][1] - ranges[table.rank][0]
-    recv = send.new_empty(mine * table.dim)
-    dist.all_to_all_single(
-        recv, send, [mine * w for w in table.col_widths], [(b - a) * width for a, b in ranges], group=group
-    )
-    pieces = recv.split([mine * w for w in table.col_widths])
-    return torch.cat([p.view(mine, w) for p, w in zip(pieces, table.col_widths)], dim=1)
+    mine = ranges[shard.rank][1] - ranges[shard.rank][0]
+    recv = collectives.exchange(send, [(b - a) * width for a, b in ranges], [mine * w for w in shard.col_widths], group)
+    pieces = recv.split([mine * w for w in shard.col_widths])
+    return torch.cat([p.view(mine, w) for p, w in zip(pieces, shard.col_widths)], dim=1)
 
 
 def _with_next_rows(rows: torch.Tensor, ranges, chunk_rows: int, rank: int, group) -> torch.Tensor:
@@ -88,9 +86,7 @@ def _with_next_rows(rows: torch.Tensor, ranges, chunk_rows: int, rank: int, grou
     # rank r sends to r - 1 the rows from its start to the end of the chunk holding its start
     my_start, my_stop = ranges[rank]
     head = 0 if my_start % chunk_rows == 0 else min(my_stop, (my_start // chunk_rows + 1) * chunk_rows) - my_start
-    heads = [torch.zeros((), dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(heads, torch.tensor(head), group=group)
-    heads = [int(h) for h in heads]
+    heads = [int(h) for h in collectives.gather_from_ranks(torch.tensor(head), group)]
     width = rows[0:1].numel()
     send_splits = [0] * world
     if rank > 0:
@@ -98,33 +94,31 @@ def _with_next_rows(rows: torch.Tensor, ranges, chunk_rows: int, rank: int, grou
     recv_splits = [0] * world
     if rank + 1 < world:
         recv_splits[rank + 1] = heads[rank + 1] * width
-    recv = rows.new_empty(sum(recv_splits))
-    dist.all_to_all_single(recv, rows[:head].reshape(-1).contiguous(), recv_splits, send_splits, group=group)
+    recv = collectives.exchange(rows[:head].reshape(-1), send_splits, recv_splits, group)
     return torch.cat([rows[head:], recv.view(-1, *rows.shape[1:])])
 
 
 def prepare_pool(
-    store: Path, name: str, tensors: dict[str, torch.Tensor], table, group=None, snapshot: bool = False
+    store: Path, name: str, tensors: dict[str, torch.Tensor], shard: TableShard, group=None, snapshot: bool = False
 ) -> list[tuple[str, int, int, int, np.ndarray]]:
     """The collective half of writing this rank's part of pool ``name`` (``tensors``: key -> this
-    rank's shard, as ``table`` holds it): array metadata (rank 0), the rows exchanged so this
+    rank's part, as ``shard`` describes it): array metadata (rank 0), the rows exchanged so this
     rank holds whole chunks. Returns (array path, first chunk, chunk rows, array ndim, rows
     as little-endian numpy) per array, for :func:`write_chunks`; with ``snapshot`` the rows are
     copies, so training may change the tensors while the chunks are written."""
     import zarr
 
-    world = getattr(table, "world", 1)
-    rank = getattr(table, "rank", 0)
-    ranges = balanced_ranges(table.num_rows, world)
+    world, rank, num_rows = shard.world, shard.rank, shard.num_rows
+    ranges = balanced_ranges(num_rows, world)
     my_start, _ = ranges[rank]
     jobs = []
     for key, local in tensors.items():
-        rows = _to_row_layout(local, table, group) if world > 1 else local
+        rows = _to_row_layout(local, shard, group)
         array_path = f"{name}/{key}"
-        shape = (table.num_rows, *rows.shape[1:])
+        shape = (num_rows, *rows.shape[1:])
         row_bytes = rows[0:1].numel() * rows.element_size() if rows.numel() else 1
         # no larger than the smallest shard: a chunk then spans at most two ranks' rows
-        chunk_rows = min(chunk_rows_for(table.num_rows, row_bytes), table.num_rows // world)
+        chunk_rows = min(chunk_rows_for(num_rows, row_bytes), num_rows // world)
         sample, dtype_name = _to_numpy(rows[:0])
         if rank == 0:
             array = zarr.open_group(str(store), mode="a").create_array(
@@ -138,7 +132,7 @@ def prepare_pool(
             )
             array.attrs["memray_dtype"] = dtype_name
         if world > 1:
-            dist.barrier(group=group)
+            collectives.barrier(group)
             rows = _with_next_rows(rows, ranges, chunk_rows, rank, group)  # a new tensor
         elif snapshot:
             rows = rows.detach().clone()

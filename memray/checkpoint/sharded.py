@@ -15,12 +15,21 @@ import threading
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from memray.distributed import collectives
 from memray.errors import InputError
 
-from . import COMMITTED, _sha256, begin_checkpoint, checkpoint_name, commit_checkpoint, find_checkpoint, write_weights
+from . import (
+    WEIGHTS,
+    _sha256,
+    begin_checkpoint,
+    checkpoint_name,
+    commit_checkpoint,
+    find_checkpoint,
+    read_manifest,
+    write_weights,
+)
 from .pools import STORE, prepare_pool, read_rows, verify_chunks, write_chunks
 
 OPTIMIZER = "optimizer.safetensors"
@@ -38,7 +47,8 @@ def save_sharded_checkpoint(
     attrs: dict | None = None,
     dense_optimizer: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Collective over ``group``: ``pools`` maps name -> (table, {key: this rank's tensor}).
+    """Collective over ``group``: ``pools`` maps name -> (:class:`memray.model.TableShard` this
+    rank holds, {key: this rank's tensor}).
 
     Rank 0 writes the dense weights (``dense_state``) and the dense optimizer's tensors
     (``dense_optimizer``, to ``optimizer.safetensors``; both ignored elsewhere) and commits once
@@ -70,20 +80,18 @@ def start_sharded_checkpoint(
     dense_optimizer: dict[str, torch.Tensor] | None = None,
     background: bool = False,
     extra_files: dict[str, Path] | None = None,
-) -> "PendingCheckpoint":
+) -> PendingCheckpoint:
     """The collective part of a save (the temporary directory, array metadata, the rows each rank
     must write); the files are written now, or by a thread when ``background`` (on snapshots,
     so training may go on). ``extra_files`` (name -> path, e.g. the run's tokenizer) are copied
     in by rank 0 and checksummed with the rest. :meth:`PendingCheckpoint.finish` (collective) commits."""
-    distributed = dist.is_initialized() and dist.get_world_size(group) > 1
-    rank = dist.get_rank(group) if distributed else 0
+    rank = collectives.rank_in(group)
     tmp = begin_checkpoint(root, step, fresh=rank == 0)
-    if distributed:
-        dist.barrier(group=group)
+    collectives.barrier(group)
     jobs = [
         job
-        for name, (table, tensors) in pools.items()
-        for job in prepare_pool(tmp / STORE, name, tensors, table, group, snapshot=background)
+        for name, (shard, tensors) in pools.items()
+        for job in prepare_pool(tmp / STORE, name, tensors, shard, group, snapshot=background)
     ]
     dense = None
     if rank == 0:
@@ -91,7 +99,7 @@ def start_sharded_checkpoint(
             {k: v.detach().clone() if background else v for k, v in d.items()} if d is not None else None
             for d in (dense_state or {}, dense_optimizer)
         ]
-    pending = PendingCheckpoint(root, tmp, step, config_yaml, pools, attrs or {}, keep_last, group, rank, distributed)
+    pending = PendingCheckpoint(root, tmp, step, config_yaml, pools, attrs or {}, keep_last, group, rank)
     pending.start(jobs, dense, background, extra_files if rank == 0 else None)
     return pending
 
@@ -99,12 +107,12 @@ def start_sharded_checkpoint(
 class PendingCheckpoint:
     """A save whose files are being (or have been) written; ``finish()`` commits it."""
 
-    def __init__(self, root, tmp, step, config_yaml, pools, attrs, keep_last, group, rank, distributed):
+    def __init__(self, root, tmp, step, config_yaml, pools, attrs, keep_last, group, rank):
         self.root, self.tmp, self.step, self.config_yaml = Path(root), tmp, step, config_yaml
         self.shapes = {
-            name: {"num_rows": t.num_rows, "dim": t.dim, "arrays": sorted(ts)} for name, (t, ts) in pools.items()
+            name: {"num_rows": s.num_rows, "dim": s.dim, "arrays": sorted(ts)} for name, (s, ts) in pools.items()
         }
-        self.attrs, self.keep_last, self.group, self.rank, self.distributed = attrs, keep_last, group, rank, distributed
+        self.attrs, self.keep_last, self.group, self.rank = attrs, keep_last, group, rank
         self._thread, self._result = None, {}
 
     def start(self, jobs, dense, background: bool, extra_files: dict[str, Path] | None = None) -> None:
@@ -115,7 +123,7 @@ class PendingCheckpoint:
                     shutil.copyfile(source, self.tmp / name)
                     files[name] = _sha256(self.tmp / name)
                 if dense is not None:  # rank 0: dense weights and optimizer beside the pools
-                    files = write_weights(self.tmp, dense[0], self.config_yaml)
+                    files.update(write_weights(self.tmp, dense[0], self.config_yaml))
                     if dense[1] is not None:
                         save_file(
                             {k: v.detach().contiguous().cpu() for k, v in dense[1].items()}, str(self.tmp / OPTIMIZER)
@@ -137,10 +145,7 @@ class PendingCheckpoint:
 
         if self._thread is not None:
             self._thread.join()
-        parts = [self._result]
-        if self.distributed:
-            parts = [None] * dist.get_world_size(self.group)
-            dist.all_gather_object(parts, self._result, group=self.group)
+        parts = collectives.gather_objects(self._result, self.group)
         errors = [p["error"] for p in parts if "error" in p]
         if errors:
             raise RuntimeError(f"checkpoint step {self.step} was not saved: {errors[0]}")
@@ -154,19 +159,8 @@ class PendingCheckpoint:
             )
             chunks = {k: v for p in parts for k, v in p["chunks"].items()}
             final = commit_checkpoint(self.root, self.tmp, self.step, files, keep_last=self.keep_last, chunks=chunks)
-        if self.distributed:
-            dist.barrier(group=self.group)
+        collectives.barrier(self.group)
         return final
-
-
-def read_manifest(path: str | Path) -> tuple[Path, dict]:
-    ckpt = find_checkpoint(path)
-    try:
-        manifest = json.loads((ckpt / COMMITTED).read_text())
-        manifest["files"], manifest.get("chunks", {})
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"checkpoint {ckpt}: {COMMITTED} is not a valid manifest") from None
-    return ckpt, manifest
 
 
 def verify_checkpoint(path: str | Path, chunks: bool = True) -> tuple[Path, dict]:
@@ -188,7 +182,7 @@ def load_training_state(path: str | Path) -> tuple[Path, dict, dict, dict[str, t
     ckpt, manifest = verify_checkpoint(path, chunks=False)
     if OPTIMIZER not in manifest["files"] or not (ckpt / STORE).is_dir():
         raise InputError(f"checkpoint {ckpt} holds no training state to resume from (weights only)")
-    return ckpt, manifest, pool_info(ckpt), load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / OPTIMIZER))
+    return ckpt, manifest, pool_info(ckpt), load_file(str(ckpt / WEIGHTS)), load_file(str(ckpt / OPTIMIZER))
 
 
 def pool_info(ckpt: Path) -> dict:

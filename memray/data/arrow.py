@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 from memray.errors import InputError
-
 from memray.files import sha256_file
 
 from .ingest import MANIFEST, SCHEMA_VERSION

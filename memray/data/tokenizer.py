@@ -26,6 +26,7 @@ class ByteTokenizer:
     vocab_size = 259
     # the answer follows the prompt's space as its own byte; prompts end with that space
     prompt_suffix = " "
+    path = None  # nothing to save beside a run: the byte tokenizer is built in
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))

@@ -2,12 +2,11 @@
 
 from .context import DistContext, ParallelDims, init_distributed, shutdown_distributed
 from .plan import balanced_ranges, lookup_traffic
-from .sharded import LookupStats, ShardedValueTable
+from .sharded import ShardedValueTable
 from .spawn import WorkerError, spawn
 
 __all__ = [
     "DistContext",
-    "LookupStats",
     "ParallelDims",
     "ShardedValueTable",
     "WorkerError",

@@ -43,10 +43,6 @@ class ParallelDims:
     def memory_size(self) -> int:
         return self.memory_parallel_size or self.world_size
 
-    @property
-    def data_parallel_size(self) -> int:
-        return self.world_size
-
     def check_table(self, num_rows: int, dim: int, layout: str) -> None:
         """A table of ``num_rows x dim`` must give every rank of the memory group a shard."""
         w = self.memory_size
@@ -68,10 +64,6 @@ class DistContext:
     device: torch.device
     backend: str
     memory_group: dist.ProcessGroup | None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def default_backend() -> str:

@@ -1,8 +1,8 @@
 """A value pool sharded over the ranks of a memory-parallel group.
 
-``ShardedValueTable`` has the interface of :class:`memray.model.ValueTable`
-(``forward(indices, weights, record=...)`` -> bags, ``num_rows``, ``dim``, ``lr``, ...) and
-computes the same bags; only where the rows live changes. Every rank passes the lookups of its
+``ShardedValueTable`` implements the value-table protocol
+(:class:`memray.model.ValueTableBase`) and computes the same bags as the unsharded
+:class:`memray.model.ValueTable`; only where the rows live changes. Every rank passes the lookups of its
 own tokens; the call is collective (all ranks of the group call it, in the same order, in
 forward and in backward).
 
@@ -25,40 +25,21 @@ shard alone. Traffic counters (``stats``) count bytes that leave or reach this r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from memray.kernels import bag_backward, bag_forward
-from memray.model.memory import draw_init_seed, init_value_rows
+from memray.model.values import TableShard, ValueTableBase
 
+from . import collectives
 from .plan import balanced_ranges
 
 
-@dataclass
-class LookupStats:
-    """Counters since the last ``reset``: entries this rank looked up in its shard, and bytes
-    it sent to / received from other ranks (forward and backward)."""
-
-    rows_served: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-
-    def reset(self) -> "LookupStats":
-        out = LookupStats(self.rows_served, self.bytes_sent, self.bytes_received)
-        self.rows_served = self.bytes_sent = self.bytes_received = 0
-        return out
-
-
 def _exchange(
-    send: torch.Tensor, send_splits: list[int], recv_splits: list[int], table: "ShardedValueTable"
+    send: torch.Tensor, send_splits: list[int], recv_splits: list[int], table: ShardedValueTable
 ) -> torch.Tensor:
-    """``all_to_all_single`` with uneven splits along dim 0, counting off-rank bytes."""
-    send = send.contiguous()
-    recv = send.new_empty((sum(recv_splits), *send.shape[1:]))
-    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=table.group)
+    """:func:`collectives.exchange` in the table's group, counting off-rank bytes."""
+    recv = collectives.exchange(send, send_splits, recv_splits, table.group)
     row_bytes = send[0:1].numel() * send.element_size() if send.dim() > 1 else send.element_size()
     me = table.rank
     table.stats.bytes_sent += (sum(send_splits) - send_splits[me]) * row_bytes
@@ -78,7 +59,7 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
 class _RowLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights, shard, indices, table, record):
-        W, me = table.world, table.rank
+        W = table.world
         T, L = indices.shape
         device = indices.device
         owner = torch.bucketize(indices.reshape(-1), table.row_starts[1:], right=True)
@@ -198,7 +179,7 @@ class _ColumnLookup(torch.autograd.Function):
         return grad_weights, table.shard_grad(unique_rows, row_grads) if need_t else None, None, None, None
 
 
-class ShardedValueTable(nn.Module):
+class ShardedValueTable(ValueTableBase):
     """A ``num_rows x dim`` value pool of which this rank holds ``weight`` (its shard).
 
     ``weight`` is [rows of ``row_range``, columns of ``col_range``]; usage buffers cover the rows
@@ -215,68 +196,41 @@ class ShardedValueTable(nn.Module):
         *,
         group: dist.ProcessGroup | None = None,
         layout: str = "row",
-        init_std: float | None = None,
-        init_seed: int | None = None,
-        sparse_grad: bool = True,
-        backend: str = "auto",
-        lr: float | None = None,
-        weight_decay: float = 0.0,
         device=None,
-        dtype=None,
+        **options,
     ):
-        super().__init__()
         if layout not in ("row", "column"):
             raise ValueError(f"layout must be 'row' or 'column', got {layout!r}")
-        self.num_rows, self.dim, self.layout = num_rows, dim, layout
-        self.group = group
-        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.init_std = dim**-0.5 if init_std is None else init_std
-        self.init_seed = draw_init_seed() if init_seed is None else init_seed
-        self.sparse_grad, self.backend, self.lr, self.weight_decay = sparse_grad, backend, lr, weight_decay
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
         if layout == "row":
-            ranges = balanced_ranges(num_rows, self.world)
-            self.row_range, self.col_range = ranges[self.rank], (0, dim)
-            self.col_widths = [dim] * self.world
+            ranges = balanced_ranges(num_rows, world)
+            shard = TableShard(num_rows, dim, layout, rank, world, row_range=ranges[rank])
             starts = [start for start, _ in ranges]
         else:
-            ranges = balanced_ranges(dim, self.world)
-            self.row_range, self.col_range = (0, num_rows), ranges[self.rank]
-            self.col_widths = [stop - start for start, stop in ranges]
-            starts = [0]
-        self.register_buffer("row_starts", torch.tensor(starts, dtype=torch.int64, device=device), persistent=False)
-        rows = self.row_range[1] - self.row_range[0]
-        cols = self.col_range[1] - self.col_range[0]
-        self.weight = nn.Parameter(torch.empty(rows, cols, device=device, dtype=dtype))
-        self.register_buffer("usage_count", torch.zeros(rows, dtype=torch.int64, device=device))
-        self.register_buffer("usage_mass", torch.zeros(rows, dtype=torch.float32, device=device))
-        self.stats = LookupStats()
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight.is_meta:
-            return
-        with torch.no_grad():
-            init_value_rows(
-                self.weight,
-                self.init_seed,
-                self.init_std,
-                (self.num_rows, self.dim),
-                self.row_range[0],
-                self.col_range[0],
+            ranges = balanced_ranges(dim, world)
+            shard = TableShard(
+                num_rows,
+                dim,
+                layout,
+                rank,
+                world,
+                col_range=ranges[rank],
+                col_widths=tuple(stop - start for start, stop in ranges),
             )
-            self.usage_count.zero_()
-            self.usage_mass.zero_()
+            starts = [0]
+        super().__init__(shard, device=device, **options)
+        self.group = group
+        self.register_buffer("row_starts", torch.tensor(starts, dtype=torch.int64, device=device), persistent=False)
+
+    @classmethod
+    def from_config(cls, memory, model_dim: int, **options) -> ShardedValueTable:
+        """As :meth:`ValueTableBase.from_config`, sharded in the config's layout."""
+        return super().from_config(memory, model_dim, layout=memory.layout, **options)
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor, *, record: bool = False) -> torch.Tensor:
         """``indices``/``weights`` [tokens, lookups] of this rank's tokens -> bags [tokens, dim]."""
         fn = _RowLookup if self.layout == "row" else _ColumnLookup
         return fn.apply(weights, self.weight, indices, self, bool(record))
-
-    @torch.no_grad()
-    def record_owned(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
-        """Usage of rows of this rank's shard (indices relative to ``row_range``)."""
-        self.usage_count.index_add_(0, rows, torch.ones_like(rows))
-        self.usage_mass.index_add_(0, rows, weights.to(self.usage_mass.dtype))
 
     def shard_grad(self, unique_rows: torch.Tensor, row_grads: torch.Tensor) -> torch.Tensor:
         if self.sparse_grad:
@@ -286,48 +240,20 @@ class ShardedValueTable(nn.Module):
         return torch.zeros_like(self.weight).index_copy_(0, unique_rows, row_grads)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of ``x`` over the group (e.g. squared gradient norms of the shards)."""
-        x = x.clone()
-        dist.all_reduce(x, group=self.group)
-        return x
-
-    @property
-    def row_mean_square(self):
-        """For the column layout: per-row sums of squares of this slice -> mean over the whole
-        row (collective), as row-wise Adagrad needs; None when this rank holds whole rows."""
-        if self.layout == "row" or self.world == 1:
-            return None
-        return lambda sums: self.all_reduce(sums).div_(self.dim)
+        return collectives.sum_over(x, self.group)
 
     @torch.no_grad()
     def gather_usage(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Usage of every row (count, mass), assembled on every rank (collective)."""
         if self.layout == "column" or self.world == 1:
-            return self.usage_count.clone(), self.usage_mass.clone()
-        return self._gather_rows(self.usage_count), self._gather_rows(self.usage_mass)
+            return super().gather_usage()
+        return collectives.gather_rows(self.usage_count, self.group), collectives.gather_rows(
+            self.usage_mass, self.group
+        )
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
-        """The whole table assembled on every rank (collective; for tests and small tables)."""
         if self.world == 1:
-            return self.weight.detach().clone()
+            return super().full_weight()
         if self.layout == "row":
-            return self._gather_rows(self.weight.detach())
-        return self._gather_rows(self.weight.detach().t()).t().contiguous()
-
-    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's ``local`` along dim 0 (sizes may differ by one)."""
-        sizes = [torch.zeros((), dtype=torch.int64) for _ in range(self.world)]
-        dist.all_gather(sizes, torch.tensor(local.shape[0]), group=self.group)
-        sizes = [int(n) for n in sizes]
-        padded = local.new_zeros((max(sizes), *local.shape[1:]))
-        padded[: local.shape[0]] = local
-        pieces = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(pieces, padded, group=self.group)
-        return torch.cat([p[:n] for p, n in zip(pieces, sizes)])
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_rows={self.num_rows}, dim={self.dim}, layout={self.layout}, rank={self.rank}/{self.world}, "
-            f"rows={self.row_range}, cols={self.col_range}"
-        )
+            return collectives.gather_rows(self.weight.detach(), self.group)
+        return collectives.gather_rows(self.weight.detach().t(), self.group).t().contiguous()

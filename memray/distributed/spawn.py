@@ -80,7 +80,9 @@ def spawn(fn, world_size: int, *args, threads: int | None = None) -> list:
             except queue.Empty:
                 dead = [p for r, p in enumerate(procs) if r not in out and not p.is_alive()]
                 if dead:
-                    raise WorkerError(f"a worker process died (exit code {dead[0].exitcode}) without reporting")
+                    raise WorkerError(
+                        f"a worker process died (exit code {dead[0].exitcode}) without reporting"
+                    ) from None
                 continue
             if status == "user":
                 raise _rebuild_user_error(*payload)

@@ -19,7 +19,6 @@ import math
 import os
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from memray.errors import ConfigError
@@ -88,9 +87,9 @@ def _check_fits(config: RunConfig) -> None:
 
 def _progress(run_dir: Path, total: int, done: threading.Event, enabled: bool) -> None:
     """A progress bar on the driver, fed by the run's metrics.jsonl (rank 0 writes it)."""
-    from tqdm import tqdm
-
     import sys
+
+    from tqdm import tqdm
 
     bar = tqdm(total=total, desc=run_dir.name, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
     metrics, offset = run_dir / "metrics.jsonl", 0
@@ -119,21 +118,18 @@ def train_on_ray(
 ) -> dict:
     """Train on ``config.distributed.workers`` Ray Train workers (an embedded local Ray unless
     ``address``); rank 0's result."""
-    from memray.checkpoint import find_checkpoint
-    from memray.train.trainer import ZERO3_RESUME
+    from memray.train.launch_local import check_launch
 
     d = config.distributed
-    config.check_world()
+    resume = check_launch(config, resume)
     config = config.with_absolute_paths()  # Ray workers do not start in this directory
-    if resume and d.zero_stage == 3:
-        raise ZERO3_RESUME
-    resume = str(find_checkpoint(resume).resolve()) if resume else None
     run_dir = Path(run_dir).resolve()
     backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
     # Ray Train's print patch would log every worker line twice on the driver
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     with ray_session(address, num_cpus=max(os.cpu_count() or 1, math.ceil(d.workers * d.cpus_per_worker))):
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+        from ray.train import RunConfig as RayRunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         _check_fits(config)

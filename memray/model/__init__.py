@@ -3,19 +3,25 @@
 No distributed, storage or CLI code lives here.
 """
 
-from .memory import MemoryConfig, ProductKeyMemory, ValueTable
+from .memory import MemoryConfig, ProductKeyMemory
 from .moe import MoE, MoEConfig
-from .transformer import ModelConfig, Transformer, count_parameters
+from .transformer import ModelConfig, Transformer, build_pools, count_parameters, pool_names
 from .usage import usage_metrics
+from .values import LookupStats, TableShard, ValueTable, ValueTableBase
 
 __all__ = [
+    "LookupStats",
     "MemoryConfig",
     "ProductKeyMemory",
+    "TableShard",
     "ValueTable",
+    "ValueTableBase",
     "MoE",
     "MoEConfig",
     "ModelConfig",
     "Transformer",
+    "build_pools",
     "count_parameters",
+    "pool_names",
     "usage_metrics",
 ]

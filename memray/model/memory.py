@@ -1,9 +1,9 @@
 """Product-key memory layer (Lample et al. 2019) with the Memory+ changes of Berges et al. 2024.
 
 ``ProductKeyMemory`` is the specification of the layer: sharded value tables only change where
-the values live and must reproduce it numerically. A layer reads its values from a
-:class:`ValueTable`; several layers may share one table (a named *pool*), which then lives with
-the model rather than with any one layer.
+the values live and must reproduce it numerically. A layer reads its values from a value table
+(:class:`memray.model.values.ValueTableBase`), given at construction; several layers may share one
+table (a named *pool*), which then lives with the model rather than with any one layer.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memray.errors import ConfigError
-from memray.kernels import embedding_bag
+
+from .values import ValueTable, ValueTableBase
 
 
 @dataclass(kw_only=True)
@@ -73,107 +74,6 @@ class MemoryConfig:
         return self.n_keys**2
 
 
-class ValueTable(nn.Module):
-    """A value pool: ``weight`` [num_rows, dim] read as weighted bags of rows.
-
-    The interface a sharded table implements too: ``forward(indices, weights)`` returns the bags,
-    ``record_usage`` accumulates per-slot statistics, ``usage_count``/``usage_mass`` hold them.
-    The gradient of ``weight`` is row-sparse (a sparse COO tensor holding only the rows read)
-    when ``sparse_grad``; autograd accumulation may leave it uncoalesced.
-    """
-
-    def __init__(
-        self,
-        num_rows: int,
-        dim: int,
-        *,
-        init_std: float | None = None,
-        sparse_grad: bool = True,
-        backend: str = "auto",
-        lr: float | None = None,
-        weight_decay: float = 0.0,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        self.num_rows = num_rows
-        self.dim = dim
-        self.init_std = dim**-0.5 if init_std is None else init_std
-        self.sparse_grad = sparse_grad
-        self.backend = backend
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.weight = nn.Parameter(torch.empty(num_rows, dim, device=device, dtype=dtype))
-        # Cumulative since the table was created; saved with the weights.
-        self.register_buffer("usage_count", torch.empty(num_rows, dtype=torch.int64, device=device))
-        self.register_buffer("usage_mass", torch.empty(num_rows, dtype=torch.float32, device=device))
-        self.init_seed = draw_init_seed()  # drawn once: re-initialising gives the same table
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight.is_meta:
-            return
-        with torch.no_grad():
-            init_value_rows(self.weight, self.init_seed, self.init_std)
-            self.usage_count.zero_()
-            self.usage_mass.zero_()
-
-    def forward(self, indices: torch.Tensor, weights: torch.Tensor, *, record: bool = False) -> torch.Tensor:
-        """``indices``/``weights`` [tokens, lookups] -> bags [tokens, dim] (fp32 accumulation).
-
-        ``record``: add these lookups to the usage statistics (``record_usage``)."""
-        if record:
-            self.record_usage(indices, weights.detach())
-        return embedding_bag(indices, weights, self.weight, sparse_grad=self.sparse_grad, backend=self.backend)
-
-    @torch.no_grad()
-    def record_usage(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
-        flat = indices.reshape(-1)
-        self.usage_count.index_add_(0, flat, torch.ones_like(flat))
-        self.usage_mass.index_add_(0, flat, weights.reshape(-1).to(self.usage_mass.dtype))
-
-    def extra_repr(self) -> str:
-        return f"num_rows={self.num_rows}, dim={self.dim}, sparse_grad={self.sparse_grad}"
-
-
-INIT_BLOCK_ROWS = 1 << 16
-
-
-@torch.no_grad()
-def init_value_rows(
-    out: torch.Tensor,
-    seed: int,
-    std: float,
-    shape: tuple[int, int] | None = None,
-    row_start: int = 0,
-    col_start: int = 0,
-) -> None:
-    """Fill ``out`` with its part (rows from ``row_start``, columns from ``col_start``) of a
-    ``shape`` table (default: ``out``'s) drawn from N(0, std).
-
-    The table is drawn in blocks of ``INIT_BLOCK_ROWS`` rows, block ``b`` whole (torch's normal
-    sampler depends on the tensor size) from a generator seeded with ``seed + b``, so a shard (a
-    row range, a column slice) is generated alone and equals the same part of the whole table:
-    a sharded pool starts exactly as an unsharded one.
-    """
-    num_rows, dim = out.shape if shape is None else shape
-    rows, cols = out.shape
-    if rows == 0:
-        return
-    generator = torch.Generator()
-    for block in range(row_start // INIT_BLOCK_ROWS, (row_start + rows - 1) // INIT_BLOCK_ROWS + 1):
-        first = block * INIT_BLOCK_ROWS
-        lo, hi = max(first, row_start), min(first + INIT_BLOCK_ROWS, row_start + rows)
-        generator.manual_seed(seed + block)
-        values = torch.empty(min(INIT_BLOCK_ROWS, num_rows - first), dim).normal_(0.0, std, generator=generator)
-        out[lo - row_start : hi - row_start].copy_(values[lo - first : hi - first, col_start : col_start + cols])
-
-
-def draw_init_seed() -> int:
-    """One draw from torch's global generator: the seed of a value table's initialisation."""
-    return int(torch.randint(0, 2**62, (), device="cpu").item())
-
-
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     """Scores and softmax run in fp32 at least (fp64 layers stay fp64, for reference checks)."""
     return torch.promote_types(dtype, torch.float32)
@@ -191,11 +91,11 @@ class ProductKeyMemory(nn.Module):
     exactly the top-``knn`` of all ``n_keys**2`` slots (slot ``i * n_keys + j``). All heads'
     slots form one bag, weighted by a softmax (fp32) over each head's selected scores.
 
-    ``values``: a shared :class:`ValueTable` (a pool owned elsewhere, e.g. by the model); when
-    omitted the layer creates and owns its own table.
+    ``values``: a table owned elsewhere (a pool of the model, possibly sharded); when omitted the
+    layer creates and owns an unsharded :class:`ValueTable`.
     """
 
-    def __init__(self, dim: int, config: MemoryConfig, values: ValueTable | None = None, *, device=None):
+    def __init__(self, dim: int, config: MemoryConfig, values: ValueTableBase | None = None, *, device=None):
         super().__init__()
         c = config
         self.dim = dim
@@ -217,15 +117,7 @@ class ProductKeyMemory(nn.Module):
         if c.gate:
             self.gate_proj = nn.Linear(dim, 1, device=device)
         if values is None:
-            self.value_table = ValueTable(
-                c.num_slots,
-                self.v_dim,
-                init_std=c.value_init_std,
-                backend=c.backend,
-                lr=c.value_lr,
-                weight_decay=c.value_weight_decay,
-                device=device,
-            )
+            self.value_table = ValueTable.from_config(c, dim, device=device)
             self._shared_values = None
         else:
             if values.num_rows != c.num_slots or values.dim != self.v_dim:
@@ -238,7 +130,7 @@ class ProductKeyMemory(nn.Module):
         self.reset_parameters()
 
     @property
-    def values(self) -> ValueTable:
+    def values(self) -> ValueTableBase:
         return self.value_table if self._shared_values is None else self._shared_values[0]
 
     def reset_parameters(self) -> None:
@@ -315,18 +207,16 @@ class ProductKeyMemory(nn.Module):
         return (s[:, :, 0, :, None] + s[:, :, 1, None, :]).flatten(-2)
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, values: ValueTable | None = None) -> torch.Tensor:
-        """``values`` overrides the layer's table (e.g. a sharded pool with the same interface)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         shape = x.shape
         x = x.reshape(-1, self.dim)
         rows, scores = self._search(F.dropout(x, c.input_dropout, self.training))
         weights = F.dropout(torch.softmax(scores, dim=-1), c.value_dropout, self.training)
-        table = self.values if values is None else values
         num_tokens = x.shape[0]
         rows = rows.view(num_tokens, c.heads * c.knn)  # all heads form one bag
         weights = weights.view(num_tokens, c.heads * c.knn)
-        y = table(rows, weights, record=self.training and c.track_usage)  # [T, v_dim]
+        y = self.values(rows, weights, record=self.training and c.track_usage)  # [T, v_dim]
         if c.swilu:
             y = self.out_proj(y.to(x.dtype) * F.silu(self.swilu_proj(x)))
         elif self.v_dim != self.dim:

@@ -1,25 +1,27 @@
 """Decoder-only transformer whose FFN is, per block, a SwiGLU, a product-key memory or an MoE.
 
-Value pools are owned by the model (``self.pools``), not by the memory layers, so several layers
-can share one pool and a pool is saved once. ``forward(tokens, pools=...)`` lets a caller supply
-the pools from outside (e.g. sharded tables kept out of a DeepSpeed engine).
+Value pools belong to the model, not to the memory layers, so several layers can share one pool
+and a pool is saved once. :func:`build_pools` is the one place pools are built; a caller may build
+them (e.g. sharded tables kept out of a DeepSpeed engine) and give them to the model, which then
+uses them without registering them as its parameters.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memray.errors import ConfigError
 
 from .layers import Attention, RMSNorm, Rotary, SwiGLU
-from .memory import MemoryConfig, ProductKeyMemory, ValueTable
+from .memory import MemoryConfig, ProductKeyMemory
 from .moe import MoE, MoEConfig
+from .values import ValueTable, ValueTableBase
 
 
 @dataclass(kw_only=True)
@@ -79,7 +81,7 @@ class ModelConfig:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, index: int, pool: ValueTable | None, device=None):
+    def __init__(self, config: ModelConfig, index: int, pool: ValueTableBase | None, device=None):
         super().__init__()
         c = config
         self.attn_norm = RMSNorm(c.dim, c.norm_eps, device=device)
@@ -94,12 +96,9 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(c.dim, c.hidden, device=device)
 
-    def forward(self, x: torch.Tensor, pools: Mapping[str, ValueTable] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
-        h = self.ffn_norm(x)
-        if self.pool_name is not None:
-            return x + self.ffn(h, values=pools[self.pool_name] if pools is not None else None)
-        return x + self.ffn(h)
+        return x + self.ffn(self.ffn_norm(x))
 
 
 def pool_names(config: ModelConfig) -> list[str]:
@@ -107,39 +106,31 @@ def pool_names(config: ModelConfig) -> list[str]:
     return list(dict.fromkeys(config.pool_of().values()))
 
 
-class Transformer(nn.Module):
-    """``pools``: value tables built outside the model (e.g. sharded ones), one per name of
-    :func:`pool_names`. They are used by the memory layers but not registered as submodules,
-    so they are not in ``parameters()`` or ``state_dict()``: their owner trains and saves them.
-    Without it the model builds and owns ``self.pools``."""
+def build_pools(
+    config: ModelConfig, table_cls: type[ValueTableBase] = ValueTable, **options
+) -> dict[str, ValueTableBase]:
+    """Every value pool of ``config``, in :func:`pool_names` order, as ``table_cls`` tables
+    (``options``: what that class takes besides the memory config, e.g. a process group)."""
+    return {name: table_cls.from_config(config.memory, config.dim, **options) for name in pool_names(config)}
 
-    def __init__(self, config: ModelConfig, device=None, pools: Mapping[str, ValueTable] | None = None):
+
+class Transformer(nn.Module):
+    """``pools``: value tables built by the caller (:func:`build_pools`, e.g. sharded ones), one
+    per name of :func:`pool_names`. The memory layers read them, but they are not registered as
+    submodules, so they are not in ``parameters()`` or ``state_dict()``: the caller trains and
+    saves them. Without ``pools`` the model builds unsharded ones and owns them (``pools.*``)."""
+
+    def __init__(self, config: ModelConfig, device=None, pools: Mapping[str, ValueTableBase] | None = None):
         super().__init__()
         c = config
         self.config = c
-        v_dim = c.memory.v_dim or c.dim
         if pools is None:
-            self.pools = nn.ModuleDict(
-                {
-                    name: ValueTable(
-                        c.memory.num_slots,
-                        v_dim,
-                        init_std=c.memory.value_init_std,
-                        backend=c.memory.backend,
-                        lr=c.memory.value_lr,
-                        weight_decay=c.memory.value_weight_decay,
-                        device=device,
-                    )
-                    for name in pool_names(c)
-                }
-            )
-            self._external_pools = None
+            self.pools = nn.ModuleDict(build_pools(c, device=device))
         else:
             missing = [name for name in pool_names(c) if name not in pools]
             if missing:
                 raise ValueError(f"pools {missing} are missing from the pools given to the model")
-            self.pools = nn.ModuleDict()
-            self._external_pools = dict(pools)
+            self.pools = dict(pools)  # a plain dict: not registered
         tables = self.value_tables()
         pool_of = c.pool_of()
         self.embed = nn.Embedding(c.vocab_size, c.dim, device=device)
@@ -170,37 +161,37 @@ class Transformer(nn.Module):
         # components with their own schemes (memory layers: the paper's) run last and win; pools
         # given from outside were initialised by their owner
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Rotary, ProductKeyMemory, MoE, ValueTable)):
+            if isinstance(module, (RMSNorm, Rotary, ProductKeyMemory, MoE, ValueTableBase)):
                 module.reset_parameters()
 
-    def value_tables(self) -> dict[str, ValueTable]:
+    def value_tables(self) -> dict[str, ValueTableBase]:
         """Pool name -> value table, whether the model owns the pools or was given them."""
-        return dict(self.pools.items()) if self._external_pools is None else dict(self._external_pools)
+        return dict(self.pools.items())
 
     def memory_layers(self) -> list[ProductKeyMemory]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, ProductKeyMemory)]
 
-    def dense_parameters(self):
+    def named_dense_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every trainable parameter except the value pools."""
+        pool_params = {id(t.weight) for t in self.pools.values()}
+        return [(n, p) for n, p in self.named_parameters() if id(p) not in pool_params]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
         """Every trainable parameter except the value pools."""
-        pool_params = {id(p) for p in self.pools.parameters()}
-        return [p for p in self.parameters() if id(p) not in pool_params]
+        return [p for _, p in self.named_dense_parameters()]
 
     def aux_loss(self) -> torch.Tensor:
         losses = [b.ffn.aux_loss * b.ffn.config.aux_loss_coef for b in self.blocks if isinstance(b.ffn, MoE)]
         return sum(losses) if losses else torch.zeros((), device=self.embed.weight.device)
 
-    def forward(self, tokens: torch.Tensor, pools: Mapping[str, ValueTable] | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab] (fp32; fp64 for an fp64 model)."""
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, pools)
+            x = block(x)
         x = self.norm(x)
         logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, pools=None) -> torch.Tensor:
-        logits = self(tokens, pools)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
 def count_parameters(model: Transformer) -> dict[str, int]:

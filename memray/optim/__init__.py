@@ -97,12 +97,22 @@ def dense_param_groups(named_params, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_value_optimizer(config: OptimConfig, tables) -> torch.optim.Optimizer | None:
-    """One optimizer over every value pool, one parameter group per pool.
+def build_dense_optimizer(named_params, config: OptimConfig) -> torch.optim.AdamW:
+    """The dense parameters' AdamW: ``config``'s lr, betas and eps, matrices decayed."""
+    return torch.optim.AdamW(
+        dense_param_groups(named_params, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps
+    )
+
+
+def build_value_optimizer(config: OptimConfig, tables, all_reduce=None) -> torch.optim.Optimizer | None:
+    """One optimizer over every value pool (:class:`memray.model.ValueTableBase`), one
+    parameter group per pool.
 
     Each pool's group has its own lr (``table.lr``, else ``config.lr``) and, where the optimizer
     supports it, its own weight decay (``table.weight_decay``; torch's SparseAdam and Adagrad
-    are built as before, without it).
+    are built as before, without it). ``all_reduce`` sums a tensor over the ranks holding the
+    other parts of the pools (a sharded run's memory-parallel group): row-wise Adagrad needs it
+    for pools split by columns.
     """
     name = config.value_optimizer
     tables = list(tables)
@@ -113,6 +123,8 @@ def build_value_optimizer(config: OptimConfig, tables) -> torch.optim.Optimizer 
         group = {"params": [table.weight], "lr": lr, "initial_lr": lr}
         if with_decay:
             group["weight_decay"] = table.weight_decay
+        if name == "rowwise_adagrad":
+            group["row_dim"] = table.dim  # the whole row, of which a column-sharded pool holds a slice
         groups.append(group)
     if not groups:
         return None
@@ -125,9 +137,7 @@ def build_value_optimizer(config: OptimConfig, tables) -> torch.optim.Optimizer 
     if name == "adagrad":
         return torch.optim.Adagrad(groups) if config.value_eps is None else torch.optim.Adagrad(groups, eps=eps)
     if name == "rowwise_adagrad":
-        # a table split by columns (a sharded pool's column layout) supplies the whole-row mean
-        row_mean = {id(t.weight): t.row_mean_square for t in tables if getattr(t, "row_mean_square", None)}
-        return RowWiseAdagrad(groups, eps=eps, row_mean=row_mean)
+        return RowWiseAdagrad(groups, eps=eps, all_reduce=all_reduce)
     if name in ("lazy_adam", "lazy_adamw"):
         cls = LazyAdamW if name == "lazy_adamw" else LazyAdam
         return cls(groups, betas=betas, eps=eps, state_dtype=config.value_state_dtype)
@@ -173,6 +183,7 @@ __all__ = [
     "RowSparseSGD",
     "RowWiseAdagrad",
     "VALUE_OPTIMIZERS",
+    "build_dense_optimizer",
     "build_value_optimizer",
     "clip_grads",
     "dense_param_groups",

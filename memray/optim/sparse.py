@@ -65,9 +65,6 @@ class _Workspace:
             self._blocks[slot] = block
         return block[:numel].view(shape)
 
-    def clear(self) -> None:
-        self._blocks.clear()
-
 
 class RowSparseOptimizer(torch.optim.Optimizer):
     """Base of the row-sparse optimizers: parameters are 2-D tables with sparse COO gradients.
@@ -104,10 +101,6 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if p.ndim != 2 or not p.is_floating_point():
                 raise ValueError(f"row-sparse optimizers take 2-D float tables, got {p.dtype} {tuple(p.shape)}")
-
-    def release_workspace(self) -> None:
-        """Free the scratch blocks kept between steps (they are rebuilt on the next step)."""
-        self._workspace.clear()
 
     # -- rows in and out --------------------------------------------------------------------
     def _row_gradient(self, grad: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,6 +237,11 @@ class RowWiseAdagrad(RowSparseOptimizer):
     """Exact row-wise Adagrad: one fp32 accumulator of mean squared gradients per row.
 
     State ``sum_sq`` [N] fp32 (always fp32: it is N numbers, not N x D).
+
+    A table may hold a slice of each row (the column layout of a sharded pool): its parameter
+    group then names the whole row's width, ``row_dim``, and ``all_reduce`` sums this slice's
+    per-row sums of squared gradients with the other slices' (over the ranks holding them), so
+    every slice divides by the same whole-row mean.
     """
 
     _state_dtypes = {"sum_sq": torch.float32}
@@ -256,25 +254,23 @@ class RowWiseAdagrad(RowSparseOptimizer):
         weight_decay: float = 0.0,
         *,
         fused: bool = True,
-        row_mean=None,
+        all_reduce=None,
     ):
-        """``row_mean``: ``{id(table): f}`` for tables holding a slice of each row (the column
-        layout of a sharded pool): ``f(sums [U])`` turns this slice's per-row sums of squared
-        gradients into the mean over the whole row (summing over the slices' ranks)."""
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), fused)
-        self.row_mean = dict(row_mean or {})
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, row_dim=None), fused)
+        self.all_reduce = all_reduce
+        for group in self.param_groups:
+            sliced = group["row_dim"] not in (None, *(p.shape[1] for p in group["params"]))
+            if sliced and all_reduce is None:
+                raise ValueError(f"row_dim {group['row_dim']} spans several slices: all_reduce must sum over them")
 
     def _init_state(self, group, table, state):
         state["sum_sq"] = torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)
 
     def _step_rows(self, group, table, state, rows, rows_grad):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        row_mean = self.row_mean.get(id(table))
-        if (
-            row_mean is None
-            and self.fused
-            and rowwise_adagrad_(table.data, state["sum_sq"], rows, rows_grad, lr, eps, wd)
-        ):
+        row_dim = group["row_dim"] or table.shape[1]
+        sliced = row_dim != table.shape[1]
+        if not sliced and self.fused and rowwise_adagrad_(table.data, state["sum_sq"], rows, rows_grad, lr, eps, wd):
             return
         weight = None
         if wd:
@@ -282,7 +278,7 @@ class RowWiseAdagrad(RowSparseOptimizer):
             rows_grad = torch.add(rows_grad, weight, alpha=wd, out=self._scratch("decayed", rows_grad))
         sum_sq = state["sum_sq"].index_select(0, rows)  # [U]
         squares = torch.linalg.vecdot(rows_grad, rows_grad)
-        sum_sq.add_(squares.div_(rows_grad.shape[1]) if row_mean is None else row_mean(squares))
+        sum_sq.add_(self.all_reduce(squares).div_(row_dim) if sliced else squares.div_(row_dim))
         state["sum_sq"].index_copy_(0, rows, sum_sq)
         scale = sum_sq.sqrt_().add_(eps).reciprocal_().mul_(-lr)[:, None]  # [U, 1]
         if weight is None:

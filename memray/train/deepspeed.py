@@ -1,10 +1,11 @@
 """DeepSpeed ZeRO for the dense parameters: the only module of memray that imports deepspeed.
 
-The engine wraps the transformer *without* its value pools (they are sharded tables given to the
-model from outside, see ``Transformer(pools=...)``): inside the engine ZeRO-3 would partition a
-pool and stage 0 would all-reduce its gradient, while a pool must stay where its rows live and
-be updated row-sparsely. The dense optimizer is a client ``torch.optim.AdamW`` (DeepSpeed's own
-optimizers compile C++ ops first), with memray's decay groups and lr schedule.
+:class:`DeepSpeedDense` is the :class:`memray.train.dense.DenseTraining` of N ranks. The engine
+wraps the transformer *without* its value pools (they are sharded tables given to the model from
+outside, see ``Transformer(pools=...)``): inside the engine ZeRO-3 would partition a pool and
+stage 0 would all-reduce its gradient, while a pool must stay where its rows live and be updated
+row-sparsely. The dense optimizer is a client ``torch.optim.AdamW`` (DeepSpeed's own optimizers
+compile C++ ops first), with memray's decay groups and lr schedule.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from torch import nn
 
 from memray.model import Transformer
-from memray.optim import dense_param_groups
+from memray.optim import build_dense_optimizer, grad_norm
 
 from .config import RunConfig
+from .dense import DenseTraining, summed_token_loss
 
 
 def prepare_environment() -> None:
@@ -44,11 +46,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        logits = self.model(inputs)
-        return nn.functional.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum"
-        )
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return summed_token_loss(self.model(inputs), targets)
 
 
 def ds_config(config: RunConfig, micro_batch: int, world_size: int, bf16: bool) -> dict:
@@ -70,10 +69,8 @@ def build_engine(model: Transformer, config: RunConfig, micro_batch: int, world_
     prepare_environment()
     import deepspeed
 
-    o = config.optim
     wrapper = LossModule(model)
-    named = [(n, p) for n, p in wrapper.named_parameters()]
-    optimizer = torch.optim.AdamW(dense_param_groups(named, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    optimizer = build_dense_optimizer(list(wrapper.named_parameters()), config.optim)
     bf16 = config.train.precision == "bf16" and torch.cuda.is_available()
     if config.distributed.zero_stage == 3 and model.head is None:
         # the tied output projection reads the embedding outside the embedding's own forward
@@ -87,6 +84,45 @@ def build_engine(model: Transformer, config: RunConfig, micro_batch: int, world_
     # ZeRO calls a collective that torch renamed; the warning says nothing to a user of memray
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated", category=FutureWarning)
     return engine
+
+
+class DeepSpeedDense(DenseTraining):
+    """Dense parameters in a DeepSpeed engine (ZeRO stage from the config)."""
+
+    def __init__(self, model: Transformer, config: RunConfig, micro_batch: int, world_size: int, rows: int):
+        """``micro_batch``: the most rows any rank holds; ``rows``: this rank's (the restore's
+        idle steps run on that many sequences)."""
+        self.engine = build_engine(model, config, micro_batch, world_size)
+        self._sample_shape = (rows, config.data.seq_len)
+
+    def loss_sum(self, inputs, targets):
+        return self.engine(inputs, targets)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def step(self, lr: float) -> float | None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        norm = None
+        if self.engine.zero_optimization_stage() == 0:
+            # stage 0 holds every averaged gradient on every rank and reports no norm itself
+            norm = grad_norm(list(self.engine.module.parameters()))
+        self.engine.step()
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return consolidated_state_dict(self.engine)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        return full_adam_moments(self.engine)
+
+    def restore(self, weights, moments, step):
+        device = next(self.engine.module.parameters()).device
+        tokens = torch.zeros(self._sample_shape, dtype=torch.long, device=device)
+        restore(self.engine, weights, moments, step, (tokens, tokens))
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
@@ -106,7 +142,9 @@ def _named(engine):
 def _link_optimizer_state(engine) -> None:
     """ZeRO-1/2 link each parameter to its slice of the optimizer state once, after the first
     step of the first parameter group, when the other groups have no state yet (DeepSpeed
-    0.19.8); linking again once every group has state makes every slice reachable."""
+    0.19.8: ``stage_1_and_2`` and ``bf16_optimizer`` alike); linking again once every group has
+    state makes every slice reachable to ``safe_get_full_optimizer_state``. DeepSpeed offers no
+    public call for this: it is the one place memray uses a private member of DeepSpeed."""
     if engine.zero_optimization_stage() in (1, 2):
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
@@ -123,16 +161,14 @@ def full_adam_moments(engine) -> dict[str, torch.Tensor]:
     out = {}
     stage = engine.zero_optimization_stage()
     for name, p in _named(engine):
+        shape = p.ds_shape if stage == 3 else p.shape  # ZeRO-3 leaves an empty placeholder in p
         for key in ("exp_avg", "exp_avg_sq"):
             if stage == 0:
-                state = engine.optimizer.state.get(p, {})
-                value = state.get(key)
+                value = engine.optimizer.state.get(p, {}).get(key)
             else:
                 value = safe_get_full_optimizer_state(p, key) if _has_state(engine) else None
             out[f"{key}.{name}"] = (
-                torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
-                if value is None
-                else value.detach().float().cpu().clone().view(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+                torch.zeros(shape) if value is None else value.detach().float().cpu().clone().view(shape)
             )
     return out
 

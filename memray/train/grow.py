@@ -15,7 +15,6 @@ reads. The grown tables are built in this process's memory.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -23,6 +22,7 @@ from memray.checkpoint import find_checkpoint
 from memray.checkpoint.sharded import load_pool_shard, load_training_state, save_sharded_checkpoint
 from memray.config import dump_yaml, from_dict
 from memray.errors import InputError
+from memray.model import TableShard
 
 from .config import RunConfig
 
@@ -77,8 +77,8 @@ def grow_checkpoint(path: str | Path, n_keys: int, out: str | Path) -> Path:
         if info["num_rows"] != n * n:
             raise InputError(f"checkpoint {ckpt}: pool '{name}' has {info['num_rows']} rows, not n_keys² = {n * n}")
         arrays = load_pool_shard(ckpt, name, (0, info["num_rows"]), (0, info["dim"]), manifest)
-        table = SimpleNamespace(num_rows=n_keys * n_keys, dim=info["dim"])
-        pools[name] = (table, {key: _grow_rows(value, n, n_keys) for key, value in arrays.items()})
+        grown_arrays = {key: _grow_rows(value, n, n_keys) for key, value in arrays.items()}
+        pools[name] = (TableShard(n_keys * n_keys, info["dim"]), grown_arrays)
     keep = {k: v for k, v in attrs.items() if k not in ("step", "pools")}
     keep.update(world_size=1, layout="unsharded", zero_stage=None)  # written here by one process
     keep["grown_from"] = {"checkpoint": str(ckpt.resolve()), "n_keys": n}

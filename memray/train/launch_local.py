@@ -2,7 +2,7 @@
 
 ``train_worker`` is the body of one rank and does not care who started it: the local launcher
 here (``torch.multiprocessing``-style spawn, gloo on CPU) or Ray Train workers, which call the
-same function.
+same function. ``check_launch`` is what every launcher checks before any process starts.
 """
 
 from __future__ import annotations
@@ -10,7 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import RunConfig
-from .trainer import ZERO3_RESUME, Trainer, default_run_dir
+from .rundir import resolve_run_dir
+from .trainer import Trainer
+
+
+def check_launch(config: RunConfig, resume: str | Path | None) -> str | None:
+    """Refuse, in one line and before any process starts, a run its ranks could not do: a world
+    size that leaves a rank without rows, a resume into a stage that cannot load, a missing or
+    uncommitted checkpoint. Returns the checkpoint to resume from, absolute (or None)."""
+    from memray.checkpoint import find_checkpoint
+
+    config.check_world()
+    if not resume:
+        return None
+    config.distributed.check_resumable()
+    return str(find_checkpoint(resume).resolve())
 
 
 def train_worker(
@@ -40,12 +54,8 @@ def train_local(
     config: RunConfig, run_dir: str | Path | None = None, progress: bool = False, resume: str | Path | None = None
 ) -> dict:
     """Train on ``config.distributed.workers`` local processes; rank 0's result."""
-    from memray.checkpoint import find_checkpoint
     from memray.distributed import spawn
 
-    config.check_world()  # before any process starts
-    if resume and config.distributed.zero_stage == 3:
-        raise ZERO3_RESUME
-    resume = str(find_checkpoint(resume)) if resume else None  # a missing checkpoint: one line, no spawn
-    run_dir = str(run_dir or config.run_dir or default_run_dir(config))
+    resume = check_launch(config, resume)
+    run_dir = str(resolve_run_dir(config, run_dir))
     return spawn(train_worker, config.distributed.workers, config, run_dir, progress, resume)[0]
