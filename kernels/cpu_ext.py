@@ -7,8 +7,10 @@ stops the build (no compiler, no ninja, a read-only cache, ``MEMRAY_CPU_EXT=0``)
 pure-torch backend in charge: :func:`load` then returns ``None`` and :data:`load_error` says why.
 """
 
+import contextlib
 import os
 import pathlib
+import sys
 import threading
 import time
 import warnings
@@ -67,6 +69,24 @@ def _remove_stale_lock(build_dir):
         pass
 
 
+@contextlib.contextmanager
+def this_interpreters_ninja():
+    """``cpp_extension`` runs the first ``ninja`` on ``PATH``. Ninja versions hash build commands
+    differently (1.11 and 1.13 do), so two processes finding two ninjas (a system one, and pip's
+    beside this interpreter, which a Ray head puts first on its ``PATH``) would each rebuild what
+    the other built, on every first use. The one beside the interpreter goes first for the build."""
+    bin_dir = pathlib.Path(sys.executable).parent
+    if not (bin_dir / "ninja").exists():
+        yield
+        return
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(bin_dir), path])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 def build(isa, isa_flags, namespace=NAMESPACE):
     """Compile (or find in the cache) and load one build; returns ``torch.ops.<namespace>``.
 
@@ -78,15 +98,16 @@ def build(isa, isa_flags, namespace=NAMESPACE):
     build_dir = _build_directory(f"{namespace}_{isa}")
     _remove_stale_lock(build_dir)
     # Loading registers the ops in torch.ops.<namespace>; the returned path is not needed.
-    cpp_extension.load(
-        name=namespace,
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", f"-DMEMRAY_CPU_BAG_NS={namespace}", *isa_flags],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    with this_interpreters_ninja():
+        cpp_extension.load(
+            name=namespace,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", f"-DMEMRAY_CPU_BAG_NS={namespace}", *isa_flags],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
     return getattr(torch.ops, namespace)
 
 

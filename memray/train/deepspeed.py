@@ -17,6 +17,7 @@ import warnings
 import torch
 from torch import nn
 
+from memray.kernels.cpu_ext import this_interpreters_ninja
 from memray.model import Transformer
 from memray.optim import build_dense_optimizer, grad_norm
 
@@ -35,7 +36,9 @@ def prebuild() -> None:
     if os.environ["DS_ACCELERATOR"] == "cpu":
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
-        ShareMemCommBuilder().load(verbose=False)
+        # the same ninja as every other memray process, or one of them rebuilds the op (~30 s)
+        with this_interpreters_ninja():
+            ShareMemCommBuilder().load(verbose=False)
 
 
 class LossModule(nn.Module):
@@ -77,7 +80,8 @@ def build_engine(model: Transformer, config: RunConfig, micro_batch: int, world_
         deepspeed.zero.register_external_parameter(model, model.embed.weight)
     # DeepSpeed prints op-build messages on stdout, which carries a command's result, and a
     # failing run's one-line error must stay one line: they are dropped (warnings still log)
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+    # (the comm op's build, if the cache lacks it, uses the same ninja as prebuild())
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), this_interpreters_ninja():
         engine, optimizer, _, _ = deepspeed.initialize(
             model=wrapper, optimizer=optimizer, config=ds_config(config, micro_batch, world_size, bf16)
         )
