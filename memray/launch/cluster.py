@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from memray.errors import InputError
 
-from .local import LOOPBACK, auth_token, check_reachable
+from .local import LOOPBACK, check_reachable, ensure_token
 
 STATE = "cluster.json"
 START_TIMEOUT_S = 90.0
@@ -55,16 +54,6 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _ensure_token() -> None:
-    if auth_token() is not None:
-        return
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(32))
-
-
 def status() -> dict:
     """The recorded head and whether it is running (its process alive, its Jobs API reachable)."""
     state = read_state()
@@ -89,7 +78,7 @@ def up(port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None
             f"a local head (pid {current['pid']}) is running but its Jobs API does not answer: "
             "memray cluster down first"
         )
-    _ensure_token()
+    ensure_token()
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True)
     log = directory / "cluster.log"
@@ -99,6 +88,9 @@ def up(port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     )
+    # On SIGTERM Ray drains a node for up to 30 s so that Serve proxies can hand traffic over;
+    # a single-node local head has nobody to hand over to, so `cluster down` stops it at once
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     env.pop("RAY_ADDRESS", None)
     ray_cli = Path(sys.executable).parent / "ray"
     command = [

@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -67,6 +68,18 @@ def auth_token() -> str | None:
     return token or None
 
 
+def ensure_token() -> None:
+    """Generate the token a local instance will use (0600, where :func:`auth_token` looks first:
+    ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``) when there is none yet."""
+    if auth_token() is not None:
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+
+
 def loopback_only() -> None:
     """Make a Ray started by this process single-node on 127.0.0.1: every port it opens binds to
     loopback (Ray reads this when it is first imported)."""
@@ -92,6 +105,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         yield
         return
     if address is None:
+        ensure_token()  # Ray makes one only at its default path, and fails on a missing RAY_AUTH_TOKEN_PATH
         ray.init(
             address="local",
             num_cpus=num_cpus,
@@ -101,7 +115,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
             logging_level=logging.WARNING,
         )
     else:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ray.exceptions.AuthenticationError as exc:  # e.g. RAY_AUTH_TOKEN_PATH names no file
+            reason = str(exc).split(". ")[0]
+            raise InputError(f"the Ray cluster at {address}: {reason}") from None
     try:
         yield
     finally:
