@@ -7,8 +7,11 @@ lost); the rest of a row is padding, which the loss ignores. Global batch ``b`` 
 ``[b * batch_size, (b + 1) * batch_size)`` of the epoch's packing, wrapping around when an epoch
 holds fewer rows than one batch.
 
-The packing is planned from document lengths alone (``documents.lengths()`` when the documents
-provide it, as memory-mapped Arrow shards do without reading tokens) and stored as compact
+Documents are read through one interface, ``len(documents)``, ``documents.lengths()`` and
+``documents.tokens(index, start, stop)``: memory-mapped Arrow shards
+(:class:`memray.data.arrow.ArrowDocuments`) and :class:`TokenLists` in memory (plain lists of
+token lists are wrapped in one). The packing is planned from document lengths alone (Arrow
+shards give them without reading tokens) and stored as compact
 arrays of pieces (document, start, length); a rank builds only its own rows of each global batch
 (``rows``, a slice of the batch), so ranks read disjoint token ranges and nobody materializes the
 corpus. The position (epoch, batch) fully determines the next batch, and the global batch does
@@ -65,20 +68,36 @@ def plan_packing(lengths, width: int, order) -> _Packing:
     return _Packing(as_array(row_ptr), as_array(doc), as_array(start), as_array(length))
 
 
+class TokenLists:
+    """Documents in memory (lists of token ids), read like :class:`memray.data.arrow.ArrowDocuments`."""
+
+    def __init__(self, documents: list[list[int]]):
+        self.documents = documents
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def lengths(self) -> list[int]:
+        return [len(d) for d in self.documents]
+
+    def tokens(self, index: int, start: int, stop: int) -> list[int]:
+        return self.documents[index][start:stop]
+
+
 class PackedBatches:
     def __init__(self, documents, seq_len: int, batch_size: int, pad_id: int, seed: int = 0, rows: slice | None = None):
-        """``rows``: this rank's share of every global batch (default: all ``batch_size`` rows)."""
+        """``documents``: Arrow shards, :class:`TokenLists`, or a list of token lists;
+        ``rows``: this rank's share of every global batch (default: all ``batch_size`` rows)."""
         if not len(documents):
             raise ValueError("no documents to train on")
-        self.documents = documents
+        self.documents = TokenLists(documents) if isinstance(documents, list) else documents
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
         self.rows = range(batch_size)[rows or slice(None)]
         self.position = Position()
-        lengths = documents.lengths() if hasattr(documents, "lengths") else [len(d) for d in documents]
-        self._lengths = np.asarray(lengths, dtype=np.int64)
+        self._lengths = np.asarray(self.documents.lengths(), dtype=np.int64)
         self._packing: tuple[int, _Packing] | None = None
 
     def packing(self, epoch: int) -> _Packing:
@@ -91,17 +110,13 @@ class PackedBatches:
     def batches_per_epoch(self) -> int:
         return max(1, self.packing(self.position.epoch).num_rows // self.batch_size)
 
-    def _piece(self, doc: int, start: int, length: int):
-        if hasattr(self.documents, "tokens"):
-            return self.documents.tokens(doc, start, start + length)
-        return self.documents[doc][start : start + length]
-
     def _row(self, packing: _Packing, row: int) -> np.ndarray:
         out = np.full(self.seq_len + 1, self.pad_id, dtype=np.int64)
         at = 0
         for p in range(packing.row_ptr[row], packing.row_ptr[row + 1]):
             n = int(packing.length[p])
-            out[at : at + n] = self._piece(int(packing.doc[p]), int(packing.start[p]), n)
+            start = int(packing.start[p])
+            out[at : at + n] = self.documents.tokens(int(packing.doc[p]), start, start + n)
             at += n
         return out
 
