@@ -21,4 +21,44 @@ def _seed_and_threads():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (still run by make test)")
-    config.addinivalue_line("markers", "demo: the demo's minutes-long recall promise (make demo-test, not make test)")
+    config.addinivalue_line("markers", "demo: the demo's minutes-long recall promise (make test; not make test-fast)")
+
+
+# Runs that several test files check, each trained once per session. Tests copy a checkpoint
+# before damaging it.
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`memray train tiny --workers 0` (20 steps, one process, every step logged): the
+    single-process reference of the run-directory contract, eval, inspect and the N-rank runs."""
+    from helpers import memray
+
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    result = memray("train", "tiny", "--workers", "0", "--run-dir", run, "--no-progress", "--set", "train.log_every=1")
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory):
+    """The tiny model on 2 local processes at ZeRO-2 for 30 steps, a checkpoint every 10: what
+    resumes, restarts and background saves must reproduce."""
+    from helpers import SAVE_EVERY_10, TWO_RANKS, memray
+
+    run = tmp_path_factory.mktemp("two-ranks") / "run"
+    result = memray(
+        "train",
+        "tiny",
+        "--workers",
+        "2",
+        *TWO_RANKS,
+        *SAVE_EVERY_10,
+        "--set",
+        "train.steps=30",
+        "--run-dir",
+        run,
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    return run

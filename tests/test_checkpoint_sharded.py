@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import assert_one_line_error, memray_here
 
 from memray.checkpoint import pools as pool_store
 from memray.checkpoint.sharded import load_pool_shard, save_sharded_checkpoint, verify_checkpoint
@@ -219,18 +220,9 @@ def test_offline_restore_writes_each_ranks_part(saved, layout, tmp_path):
 
 def test_offline_restore_names_a_damaged_chunk(saved, tmp_path):
     import shutil
-    import subprocess
-    import sys
 
     path = tmp_path / "copy"
     shutil.copytree(saved[0], path)
     (path / "memory.zarr" / "values" / "usage_count" / "c" / "2").unlink()
-    result = subprocess.run(
-        [sys.executable, "-m", "memray.cli", "restore", str(path), "--out", str(tmp_path / "r"), "--world-size", "2"],
-        capture_output=True,
-        text=True,
-    )
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "'values/usage_count' chunk 2 is missing" in lines[0], (
-        result.stderr
-    )
+    result = memray_here("restore", path, "--out", tmp_path / "r", "--world-size", "2")
+    assert_one_line_error(result, "'values/usage_count' chunk 2 is missing")

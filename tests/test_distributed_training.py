@@ -15,16 +15,16 @@ the table would be the largest collective of a step).
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import assert_one_line_error, memray, memray_here, read_metrics
 
 from memray.distributed import init_distributed, spawn
 from memray.train import Trainer, load_run_config
+
+pytestmark = pytest.mark.slow
 
 STEPS = 20
 TOL = 1e-4
@@ -145,86 +145,83 @@ def test_sharded_training_reproduces_single_process(world, layout_stages, refere
     assert reference_curve[-1][0] < reference_curve[0][0] - 1.0  # it trains
 
 
-def _cli(*args, timeout=600):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "memray.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
-
-
-def _logged_losses(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("single") / "one"
-    result = _cli(
-        "train", "tiny", "--workers", "0", "--run-dir", str(run), "--no-progress", "--set", "train.log_every=1"
-    )
-    assert result.returncode == 0, result.stderr
-    return run
-
-
-@pytest.mark.parametrize("workers,launcher", [(1, "processes"), (4, "processes")])
-def test_cli_workers_give_the_single_process_losses(workers, launcher, single_run, tmp_path):
-    """N local processes reproduce one process (tests/test_ray.py: Ray Train workers reproduce them)."""
-    (tmp_path / "one").symlink_to(single_run)
-    result = _cli(
+def _train_processes(workers: int, run_dir) -> dict:
+    result = memray(
         "train",
         "tiny",
         "--workers",
-        str(workers),
-        "--run-dir",
-        str(tmp_path / "many"),
-        "--no-progress",
+        workers,
+        "--set",
+        "distributed.launcher=processes",
         "--set",
         "train.log_every=1",
-        "--set",
-        f"distributed.launcher={launcher}",
+        "--run-dir",
+        run_dir,
+        "--no-progress",
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 20  # stdout: the result only
-    one, many = _logged_losses(tmp_path / "one"), _logged_losses(tmp_path / "many")
+    return json.loads(result.stdout.strip().splitlines()[-1])  # stdout: the result only
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    run = tmp_path_factory.mktemp("four") / "run"
+    assert _train_processes(4, run)["step"] == 20
+    return run
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_local_processes_give_the_single_process_losses(workers, tiny_run, four_ranks, tmp_path):
+    """`memray train --workers N` on local processes reproduces one process (tests/test_ray.py:
+    Ray Train workers reproduce the same curves)."""
+    run = four_ranks if workers == 4 else tmp_path / "run"
+    if workers != 4:
+        assert _train_processes(workers, run)["step"] == 20
+    one, many = read_metrics(tiny_run), read_metrics(run)
     assert [m["step"] for m in many] == list(range(1, 21))
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, many)) <= TOL
     last = many[-1]
     served = last["lookup/layer1/rows_served"]
     assert len(served) == workers and sum(served) == 8 * 64 * 2 * 8  # batch x seq x heads x knn, row layout
+    assert sum(served) == sum(one[-1]["lookup/layer1/rows_served"])
     if workers > 1:
         assert min(last["lookup/layer1/bytes_sent"]) > 0
     else:
         assert last["lookup/layer1/bytes_sent"] == [0.0]
-    # the sharded checkpoint (pools in memory.zarr, written by every rank) loads as the same model
+
+
+def test_sharded_checkpoint_reads_as_the_single_process_one(tiny_run, four_ranks, tmp_path):
+    """The pools of a 4-rank run, written shard by shard into memory.zarr, load, inspect, export
+    and evaluate like the single-process run's."""
+    from safetensors.torch import load_file
+
     from memray.checkpoint.model import load_trained_model
 
-    (one_model, *_), (many_model, *_) = load_trained_model(tmp_path / "one"), load_trained_model(tmp_path / "many")
+    assert (four_ranks / "checkpoints" / "step-00000020" / "memory.zarr").is_dir()
+    one_model, many_model = load_trained_model(tiny_run).model, load_trained_model(four_ranks).model
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (one_model(tokens) - many_model(tokens)).abs().max() <= 1e-4
     assert torch.equal(one_model.pools["layer1"].usage_count, many_model.pools["layer1"].usage_count)
-    assert (tmp_path / "many" / "checkpoints" / "step-00000020" / "memory.zarr").is_dir()
-    # inspect reads both kinds of checkpoint alike, and `--slot` reports one slot
+    # inspect reads both alike, and `--slot` reports one slot
     one_info, many_info = (
-        json.loads(_cli("inspect", str(tmp_path / d), "--json", "--slot", "7").stdout)["pools"]["layer1"]
-        for d in ("one", "many")
+        json.loads(memray_here("inspect", run, "--json", "--slot", "7").stdout)["pools"]["layer1"]
+        for run in (tiny_run, four_ranks)
     )
     assert many_info["lookups"] == one_info["lookups"] == 20 * 8 * 64 * 16
     assert many_info["slot"]["usage_count"] == one_info["slot"]["usage_count"]
-    assert len(many_info["shard_map"]) == workers
+    assert len(many_info["shard_map"]) == 4
     png = tmp_path / "usage.png"
-    assert _cli("inspect", str(tmp_path / "many"), "--usage-png", str(png)).returncode == 0
+    assert memray_here("inspect", four_ranks, "--usage-png", png).returncode == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # export gathers the shards into one safetensors file
-    exported = _cli("export", str(tmp_path / "many"), "--out", str(tmp_path / "many.safetensors"))
+    exported = memray_here("export", four_ranks, "--out", tmp_path / "many.safetensors")
     assert exported.returncode == 0, exported.stderr
-    from safetensors.torch import load_file
-
     flat = load_file(str(tmp_path / "many.safetensors"))
     assert torch.equal(flat["pools.layer1.weight"], many_model.pools["layer1"].weight.detach())
-    facts = tmp_path / "many" / "data" / "facts.jsonl"
-    evaluated = _cli("eval", str(tmp_path / "many"), "--facts", str(facts), "--limit", "5", "--json")
+    evaluated = memray_here(
+        "eval", four_ranks, "--facts", four_ranks / "data" / "facts.jsonl", "--limit", "5", "--json"
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["total"] == 5
 
@@ -242,8 +239,5 @@ def test_cli_workers_give_the_single_process_losses(workers, launcher, single_ru
     ],
 )
 def test_bad_world_size_is_one_line_before_any_process(args, needle, tmp_path):
-    result = _cli("train", "tiny", "--run-dir", str(tmp_path / "r"), *args, timeout=60)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert_one_line_error(memray_here("train", "tiny", "--run-dir", tmp_path / "r", *args), needle)
     assert not (tmp_path / "r").exists()

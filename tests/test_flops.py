@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from memray.model import MemoryConfig, ModelConfig, MoEConfig
 from memray.model.flops import flops_per_token
 
@@ -34,6 +36,7 @@ def test_flops_of_dense_memory_and_moe_blocks():
     assert flops_per_token(moe, seq)["moe"] == 2 * (2 * d * 8 + 2 * 2 * 3 * d * 48)
 
 
+@pytest.mark.slow
 def test_factual_recall_smoke_matches_models(tmp_path):
     """A few steps of three of the benchmark's models: its output, and the dense and MoE models
     matched to Memory+ in FLOPs per token (and the MoE in parameters)."""

@@ -8,6 +8,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import assert_one_line_error, memray, memray_here
 
 from memray.data import BPETokenizer, ByteTokenizer, DataConfig, load_documents, saved_tokenizer
 from memray.data.arrow import ArrowDocuments
@@ -59,23 +60,16 @@ def test_parallel_ingest_writes_the_same_shards(sources, tmp_path):
 
 
 def test_strict_and_bad_inputs_are_one_line(sources, tmp_path):
-    run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "memray.cli", "ingest", *map(str, a)],  # noqa: E731
-        capture_output=True,
-        text=True,
-    )
+    assert_one_line_error(memray("ingest", sources[1], "--out", tmp_path / "s", "--strict"), "b.jsonl:2: not JSON")
     for args, needle in (
-        ((sources[1], "--out", tmp_path / "s", "--strict"), "b.jsonl:2: not JSON"),
         ((tmp_path / "missing.txt", "--out", tmp_path / "m"), "input not found"),
         ((sources[2], "--out", tmp_path / "p", "--text-column", "body"), "no column 'body'"),
     ):
-        result = run(*args)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
-    ok = run(sources[0], "--out", tmp_path / "ok")
+        assert_one_line_error(memray_here("ingest", *args), needle)
+    ok = memray_here("ingest", sources[0], "--out", tmp_path / "ok")
     assert ok.returncode == 0 and "2 documents" in ok.stdout
-    again = run(sources[0], "--out", tmp_path / "ok")  # never overwrites finished shards
-    assert again.returncode == 2 and "already holds" in again.stderr
+    again = memray_here("ingest", sources[0], "--out", tmp_path / "ok")  # never overwrites finished shards
+    assert_one_line_error(again, "already holds")
 
 
 def test_reader_refuses_damage(sources, tmp_path):

@@ -558,6 +558,7 @@ def _last_json_line(text):
     return json.loads(text.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_bench_lookup_smoke(tmp_path, capsys):
     bench = _load_script("bench_lookup")
     bench.main(

@@ -1,10 +1,9 @@
 """`memray plan`: per-rank memory and all-to-all traffic of a sharded value table, on paper."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from helpers import assert_one_line_error, memray_here
 
 from memray.distributed.plan import (
     BYTE_UNITS,
@@ -23,9 +22,7 @@ PAPER = dict(memory_params=128 * 10**9, value_dim=4096, gpu_mem=80 * GIB, dense_
 
 
 def run_plan(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "memray.cli", "plan", *args], capture_output=True, text=True, timeout=120
-    )
+    return memray_here("plan", *args)
 
 
 @pytest.mark.parametrize("n,w", [(10, 3), (7, 7), (100, 8), (5, 1), (13, 4)])
@@ -187,7 +184,4 @@ def test_cli_prints_fewest_gpus_and_json():
     ],
 )
 def test_cli_bad_values_exit_2_with_one_line(args, needle):
-    result = run_plan(*args)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert_one_line_error(run_plan(*args), needle)

@@ -1,32 +1,16 @@
-"""Resuming: exact at the same world size, continuing from the same state on another."""
+"""Resuming: exact at the same world size, continuing from the same state on another.
 
-import json
-import os
-import subprocess
-import sys
+The reference is the session's 30-step run on 2 local processes (conftest ``two_rank_run``);
+tests/test_ray.py resumes and restarts through Ray against the same run."""
+
+import shutil
 
 import pytest
+from helpers import SAVE_EVERY_10, TWO_RANKS, assert_one_line_error, losses, memray
 
 from memray.train import Trainer, load_run_config
 
-SAVE = ["--set", "train.log_every=1", "--set", "train.checkpoint_every=10", "--set", "train.keep_last=0"]
-LOCAL = ["--set", "distributed.launcher=processes"]  # tests/test_ray.py resumes through Ray
-
-
-def _losses(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
-
-
-def _cli(*args):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "memray.cli", *args, *(LOCAL if args[0] == "train" else [])],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+pytestmark = pytest.mark.slow
 
 
 def test_single_process_resume_is_exact(tmp_path):
@@ -36,115 +20,95 @@ def test_single_process_resume_is_exact(tmp_path):
     resumed.resume(tmp_path / "a" / "checkpoints" / "step-00000010")
     assert resumed.step == 10 and resumed.tokens == 10 * 8 * 64
     resumed.fit()
-    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")[10:]
-
-
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "two"
-    result = _cli(
-        "train",
-        "tiny",
-        "--workers",
-        "2",
-        "--set",
-        "distributed.zero_stage=2",
-        "--run-dir",
-        str(run),
-        "--no-progress",
-        *SAVE,
-    )
-    assert result.returncode == 0, result.stderr
-    return run
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")[10:]
 
 
 @pytest.mark.parametrize("workers,tolerance", [(2, 0.0), (3, 1e-4)])
 def test_resume_on_any_world_size(two_rank_run, workers, tolerance, tmp_path):
-    """Same world size: the uninterrupted run's losses exactly. Another world size reads its own
-    rows and columns and continues from the same state: equal up to the rounding of sums taken
-    in another order (tests/test_ray.py resumes on 3 and 1 Ray workers too)."""
+    """Same world size: the uninterrupted run's losses exactly. Another world size (and layout)
+    reads its own rows and columns and continues from the same state: equal up to the rounding of
+    sums taken in another order."""
     layout = "column" if workers == 3 else "row"
-    result = _cli(
+    result = memray(
         "train",
         "tiny",
         "--workers",
-        str(workers),
-        "--set",
-        "distributed.zero_stage=2",
+        workers,
+        *TWO_RANKS,
         "--set",
         f"model.memory.layout={layout}",
-        "--run-dir",
-        str(tmp_path / "r"),
-        "--no-progress",
+        "--set",
+        "train.steps=30",
         "--set",
         "train.log_every=1",
+        "--run-dir",
+        tmp_path / "r",
+        "--no-progress",
         "--resume",
-        str(two_rank_run / "checkpoints" / "step-00000010"),
+        two_rank_run / "checkpoints" / "step-00000010",
     )
     assert result.returncode == 0, result.stderr
-    resumed, uninterrupted = _losses(tmp_path / "r"), _losses(two_rank_run)[10:]
-    assert len(resumed) == 10
+    resumed, uninterrupted = losses(tmp_path / "r"), losses(two_rank_run)[10:]
+    assert len(resumed) == 20
     assert max(abs(a - b) for a, b in zip(resumed, uninterrupted)) <= tolerance
 
 
 def test_resume_refuses_damage_and_zero3(two_rank_run, tmp_path):
-    import shutil
-
     ckpt = tmp_path / "ckpt"
     shutil.copytree(two_rank_run / "checkpoints" / "step-00000010", ckpt)
     chunk = ckpt / "memory.zarr" / "layer1" / "optim.exp_avg" / "c" / "1" / "0"
     data = bytearray(chunk.read_bytes())
     data[0] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    for extra, needle in (
-        (["--set", "distributed.zero_stage=2"], "'layer1/optim.exp_avg' chunk 1/0"),
-        (["--set", "distributed.zero_stage=3"], "distributed.zero_stage"),
-    ):
-        result = _cli(
-            "train", "tiny", "--workers", "2", *extra, "--run-dir", str(tmp_path / "r"), "--resume", str(ckpt)
-        )
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+    train = ["train", "tiny", "--workers", "2", "--set", "distributed.launcher=processes", "--run-dir", tmp_path / "r"]
+    damaged = memray(*train, "--set", "distributed.zero_stage=2", "--resume", ckpt)
+    assert_one_line_error(damaged, "'layer1/optim.exp_avg' chunk 1/0")
+    # refused before any process starts
+    assert_one_line_error(
+        memray(*train, "--set", "distributed.zero_stage=3", "--resume", ckpt), "distributed.zero_stage"
+    )
 
 
 def test_async_checkpoints_equal_the_state_at_their_step(two_rank_run, tmp_path):
     """Checkpoints written by a thread while training went on hold the state of their own step:
-    resuming from the step-10 one reproduces the uninterrupted losses exactly."""
-    result = _cli(
+    resuming from one reproduces the uninterrupted losses exactly."""
+    result = memray(
         "train",
         "tiny",
         "--workers",
         "2",
+        *TWO_RANKS,
+        *SAVE_EVERY_10,
         "--set",
-        "distributed.zero_stage=2",
-        "--run-dir",
-        str(tmp_path / "a"),
-        "--no-progress",
-        *SAVE,
+        "train.steps=30",
         "--set",
         "train.checkpoint_every=5",
         "--set",
         "train.async_checkpoint=true",
+        "--run-dir",
+        tmp_path / "a",
+        "--no-progress",
     )
     assert result.returncode == 0, result.stderr
-    assert _losses(tmp_path / "a") == _losses(two_rank_run)  # saving in the background changes nothing
+    assert losses(tmp_path / "a") == losses(two_rank_run)  # saving in the background changes nothing
     steps = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
-    assert steps == ["step-00000005", "step-00000010", "step-00000015", "step-00000020"]
-    assert _cli("verify", str(tmp_path / "a" / "checkpoints" / "step-00000015")).returncode == 0
-    resumed = _cli(
+    assert steps == [f"step-{s:08d}" for s in (5, 10, 15, 20, 25, 30)]
+    assert memray("verify", tmp_path / "a" / "checkpoints" / "step-00000015").returncode == 0
+    resumed = memray(
         "train",
         "tiny",
         "--workers",
         "2",
+        *TWO_RANKS,
         "--set",
-        "distributed.zero_stage=2",
-        "--run-dir",
-        str(tmp_path / "b"),
-        "--no-progress",
+        "train.steps=30",
         "--set",
         "train.log_every=1",
+        "--run-dir",
+        tmp_path / "b",
+        "--no-progress",
         "--resume",
-        str(tmp_path / "a" / "checkpoints" / "step-00000010"),
+        tmp_path / "a" / "checkpoints" / "step-00000015",
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert _losses(tmp_path / "b") == _losses(two_rank_run)[10:]
+    assert losses(tmp_path / "b") == losses(two_rank_run)[15:]

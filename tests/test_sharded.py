@@ -154,6 +154,7 @@ def test_bad_world_sizes_are_config_errors(world, memory, rows, dim, layout, key
     assert info.value.key == key
 
 
+@pytest.mark.slow
 def test_bench_traffic_matches_the_formula(tmp_path):
     """bench_sharded_lookup's traffic section: bytes counted by the tables, 2 ranks, both layouts,
     within 10% of memray.distributed.plan.lookup_traffic (the claim the benchmark reports)."""

@@ -1,0 +1,50 @@
+"""What several test files need: running the CLI (a real process, or in this one) and reading a
+run directory."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# the session's two-rank reference run (conftest ``two_rank_run``) and runs compared with it
+TWO_RANKS = ["--set", "distributed.launcher=processes", "--set", "distributed.zero_stage=2"]
+SAVE_EVERY_10 = ["--set", "train.log_every=1", "--set", "train.checkpoint_every=10", "--set", "train.keep_last=0"]
+
+
+def memray(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    """``memray ARGS`` as a user runs it: a new process; its exit code, stdout and stderr."""
+    env = {**(env or os.environ), "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "memray.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def memray_here(*args) -> subprocess.CompletedProcess:
+    """``memray ARGS`` in this process (click's runner): for commands that fail or finish before
+    any real work, where a new interpreter would only add its start-up time."""
+    from click.testing import CliRunner
+
+    from memray.cli import main
+
+    result = CliRunner().invoke(main, list(map(str, args)))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2 and one line on stderr naming every needle; no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(Path(run_dir) / "metrics.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def losses(run_dir) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir)]
