@@ -44,21 +44,9 @@ def tiny_run(tmp_path_factory):
 def two_rank_run(tmp_path_factory):
     """The tiny model on 2 local processes at ZeRO-2 for 30 steps, a checkpoint every 10: what
     resumes, restarts and background saves must reproduce."""
-    from helpers import SAVE_EVERY_10, TWO_RANKS, memray
+    from helpers import sets, train_tiny
 
     run = tmp_path_factory.mktemp("two-ranks") / "run"
-    result = memray(
-        "train",
-        "tiny",
-        "--workers",
-        "2",
-        *TWO_RANKS,
-        *SAVE_EVERY_10,
-        "--set",
-        "train.steps=30",
-        "--run-dir",
-        run,
-        "--no-progress",
-    )
+    result = train_tiny(run, *sets("train.checkpoint_every=10", "train.keep_last=0"))
     assert result.returncode == 0, result.stderr
     return run

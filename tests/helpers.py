@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-# the session's two-rank reference run (conftest ``two_rank_run``) and runs compared with it
-TWO_RANKS = ["--set", "distributed.launcher=processes", "--set", "distributed.zero_stage=2"]
-SAVE_EVERY_10 = ["--set", "train.log_every=1", "--set", "train.checkpoint_every=10", "--set", "train.keep_last=0"]
+
+def sets(*overrides: str) -> list[str]:
+    """``--set KEY=VALUE`` for each override."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+# how the session's two-rank reference (conftest ``two_rank_run``) and the runs compared with it train
+TWO_RANKS = sets("distributed.launcher=processes", "distributed.zero_stage=2", "train.steps=30", "train.log_every=1")
 
 
 def memray(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
@@ -17,6 +22,12 @@ def memray(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProces
     env = {**(env or os.environ), "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "memray.cli", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def train_tiny(run_dir, *args, workers=2) -> subprocess.CompletedProcess:
+    """``memray train tiny`` on local processes, trained as the two-rank reference is (ZeRO-2, 30
+    steps, every step logged), into ``run_dir``; ``args``: more options (later ``--set`` win)."""
+    return memray("train", "tiny", "--workers", workers, *TWO_RANKS, "--run-dir", run_dir, "--no-progress", *args)
 
 
 def memray_here(*args) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from helpers import assert_one_line_error, memray, read_metrics
+from helpers import assert_one_line_error, memray, read_metrics, sets
 
 from memray.train import load_run_config
 
@@ -58,34 +58,14 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(two_rank_run, tmp_pat
     group from it, and the last logged loss of every step equals the uninterrupted run's."""
     from memray.data import generate_facts, write_facts
 
-    data = load_run_config("tiny").data  # the same facts as the reference's synthetic source
-    write_facts(tmp_path / "facts.jsonl", generate_facts(data.num_entities, data.num_attributes, data.seed))
+    source = load_run_config("tiny").data  # the same facts as the reference's synthetic source
+    write_facts(tmp_path / "facts.jsonl", generate_facts(source.num_entities, source.num_attributes, source.seed))
     run = tmp_path / "run"
-    overrides = [
-        "distributed.zero_stage=2",
-        "distributed.max_failures=1",
-        "train.steps=30",
-        "train.log_every=1",
-        "train.checkpoint_every=5",
-        "train.keep_last=0",
-        "data.source=facts",
-        "data.path=facts.jsonl",
-    ]
-    command = [
-        sys.executable,
-        "-m",
-        "memray.cli",
-        "train",
-        "tiny",
-        "--workers",
-        "2",
-        "--run-dir",
-        "run",
-        "--no-progress",
-        "--resume",
-        str(two_rank_run / "checkpoints" / "step-00000010"),
-    ]
-    command += [arg for o in overrides for arg in ("--set", o)]
+    restart = sets("distributed.zero_stage=2", "distributed.max_failures=1", "train.steps=30", "train.log_every=1")
+    data = sets("train.checkpoint_every=5", "train.keep_last=0", "data.source=facts", "data.path=facts.jsonl")
+    resume = ["--resume", str(two_rank_run / "checkpoints" / "step-00000010")]
+    command = [sys.executable, "-m", "memray.cli", "train", "tiny", "--workers", "2", "--run-dir", "run"]
+    command += ["--no-progress", *restart, *data, *resume]
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         process = subprocess.Popen(command, cwd=tmp_path, env=_isolated_env(tmp_path / "home"), stdout=out, stderr=err)
         try:
@@ -126,23 +106,9 @@ def test_cluster_submit_logs_status_checkpoint(head, tmp_path):
     env, address = head.env, head.jobs
     assert oct(os.stat(head.home / "auth_token").st_mode & 0o777) == "0o600"
     run = tmp_path / "run"
-    submitted = memray(
-        "submit",
-        "tiny",
-        "--address",
-        address,
-        "--workers",
-        "2",
-        "--set",
-        "distributed.zero_stage=2",
-        "--set",
-        "model.memory.layout=row",
-        "--run-dir",
-        run,
-        "--submission-id",
-        "e2e-1",
-        env=env,
-    )
+    submit = ["submit", "tiny", "--address", address, "--workers", "2"]
+    layout = sets("distributed.zero_stage=2", "model.memory.layout=row")
+    submitted = memray(*submit, *layout, "--run-dir", run, "--submission-id", "e2e-1", env=env)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     assert "step 20 loss" in submitted.stdout  # the job's logs streamed while it ran
     logs = memray("logs", "e2e-1", "--address", address, env=env)
@@ -158,22 +124,8 @@ def test_cluster_submit_logs_status_checkpoint(head, tmp_path):
     assert [j["job_id"] for j in listed] == ["e2e-1"]
     assert_one_line_error(memray("status", "no-such-job", "--address", address, env=env), "no job 'no-such-job'")
     # a long job stopped while it runs
-    long = memray(
-        "submit",
-        "tiny",
-        "--address",
-        address,
-        "--workers",
-        "2",
-        "--set",
-        "train.steps=100000",
-        "--run-dir",
-        tmp_path / "long",
-        "--submission-id",
-        "long-1",
-        "--no-wait",
-        env=env,
-    )
+    long_run = [*sets("train.steps=100000"), "--run-dir", tmp_path / "long"]
+    long = memray(*submit, *long_run, "--submission-id", "long-1", "--no-wait", env=env)
     assert long.returncode == 0 and long.stdout.strip() == "long-1", long.stderr
     assert memray("stop", "long-1", "--address", address, env=env).returncode == 0
     for _ in range(60):
