@@ -42,6 +42,22 @@ def test_value_step_touches_only_rows_read(tmp_path, optimizer):
     assert changed[read].float().mean() > 0.9
 
 
+def test_a_failing_run_closes_its_files_and_keeps_what_it_logged(tmp_path):
+    trainer = tiny(tmp_path, "train.log_every=1")
+    step = trainer.train_step
+
+    def fails_at_step_3(*batch):
+        if trainer.step == 2:
+            raise RuntimeError("boom")
+        return step(*batch)
+
+    trainer.train_step = fails_at_step_3
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit()
+    assert trainer.run._metrics.closed and trainer.run._log.closed
+    assert len(losses(tmp_path)) == 2
+
+
 def test_bf16_autocast_trains(tmp_path):
     result = tiny(tmp_path, "train.precision=bf16", "train.steps=6").fit()
     assert result["step"] == 6 and torch.isfinite(torch.tensor(result["loss"]))
