@@ -59,3 +59,43 @@ def read_metrics(run_dir) -> list[dict]:
 
 def losses(run_dir) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir)]
+
+
+# torch.distributed calls that move tensors (what DeepSpeed and memray call between them)
+COLLECTIVES = (
+    "all_reduce",
+    "reduce_scatter_tensor",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce",
+    "all_gather",
+    "reduce_scatter",
+    "all_reduce_coalesced",
+    "all_to_all_single",
+    "all_gather_object",
+    "barrier",
+)
+
+
+def watch_collectives(on_call) -> None:
+    """Call ``on_call(name, tensors, group, caller_frame)`` before every collective of
+    ``torch.distributed`` (for the rest of the process: tests run it in spawned ranks).
+    ``tensors``: every tensor argument, also inside lists; ``caller_frame``: who called it."""
+    import sys
+
+    import torch
+    import torch.distributed as dist
+
+    for name in COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def wrapper(*args, _original=original, _name=name, **kwargs):
+            values = (*args, *kwargs.values())
+            tensors = [a for a in values if isinstance(a, torch.Tensor)]
+            tensors += [t for a in values if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            on_call(_name, tensors, kwargs.get("group"), sys._getframe(1))
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, wrapper)

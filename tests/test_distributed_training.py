@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import assert_one_line_error, memray, memray_here, read_metrics
+from helpers import assert_one_line_error, memray, memray_here, read_metrics, watch_collectives
 
 from memray.distributed import init_distributed, spawn
 from memray.train import Trainer, load_run_config
@@ -29,19 +29,6 @@ pytestmark = pytest.mark.slow
 STEPS = 20
 TOL = 1e-4
 OVERRIDES = [f"train.steps={STEPS}", "model.memory.v_dim=1024"]
-COLLECTIVES = (
-    "all_reduce",
-    "reduce_scatter_tensor",
-    "all_gather_into_tensor",
-    "broadcast",
-    "reduce",
-    "all_gather",
-    "reduce_scatter",
-    "all_reduce_coalesced",
-    "all_to_all_single",
-)
-
-
 def _config(*extra):
     return load_run_config("tiny", [*OVERRIDES, *extra])
 
@@ -54,33 +41,14 @@ def _curve(trainer: Trainer) -> list[tuple[float, float, float]]:
     return [(s["loss"], s["grad_norm"], s["value_grad_norm"]) for s in steps]
 
 
-def _watch_collectives(log: list):
-    """Record (name, numel, storage pointer, group) of every torch.distributed collective call."""
-    for name in COLLECTIVES:
-        original = getattr(dist, name, None)
-        if original is None:
-            continue
-
-        def wrapper(*args, _original=original, _name=name, **kwargs):
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            tensors += [
-                t
-                for a in (*args, *kwargs.values())
-                if isinstance(a, (list, tuple))
-                for t in a
-                if isinstance(t, torch.Tensor)
-            ]
-            for t in tensors:
-                log.append((_name, t.numel(), t.untyped_storage().data_ptr(), kwargs.get("group")))
-            return _original(*args, **kwargs)
-
-        setattr(dist, name, wrapper)
-
-
 def _stages_worker(layout_stages):
     ctx = init_distributed("gloo")
     calls = []
-    _watch_collectives(calls)
+    watch_collectives(
+        lambda _name, tensors, group, _caller: calls.extend(
+            (t.numel(), t.untyped_storage().data_ptr(), group) for t in tensors
+        )
+    )
     out = []
     for layout, stage in layout_stages:
         config = _config(
@@ -105,9 +73,9 @@ def _stages_worker(layout_stages):
                     if layout == "row"
                     else table.num_rows * -(-table.dim // ctx.world_size)
                 ),
-                "collectives_on_table": sum(1 for _, _, ptr, _ in calls if ptr in storages),
+                "collectives_on_table": sum(1 for _, ptr, _ in calls if ptr in storages),
                 # everything outside the memory group is DeepSpeed's (and the loss's all-reduce)
-                "largest_collective": max(n for _, n, _, group in calls if group is not ctx.memory_group),
+                "largest_collective": max(n for n, _, group in calls if group is not ctx.memory_group),
             }
         )
     dist.destroy_process_group()
