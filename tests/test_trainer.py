@@ -58,6 +58,16 @@ def test_a_failing_run_closes_its_files_and_keeps_what_it_logged(tmp_path):
     assert len(losses(tmp_path)) == 2
 
 
+def test_bf16_value_pools_train_and_reload(tmp_path):
+    trainer = tiny(tmp_path, "model.memory.value_dtype=bf16", "train.steps=4")
+    table = trainer.model.pools["layer1"]
+    before = table.weight.detach().clone()
+    trainer.fit()
+    assert table.weight.dtype == torch.bfloat16 and not torch.equal(table.weight, before)
+    reloaded = load_trained_model(tmp_path).model.pools["layer1"].weight
+    assert reloaded.dtype == torch.bfloat16 and torch.equal(reloaded, table.weight.detach())
+
+
 def test_bf16_autocast_trains(tmp_path):
     result = tiny(tmp_path, "train.precision=bf16", "train.steps=6").fit()
     assert result["step"] == 6 and torch.isfinite(torch.tensor(result["loss"]))

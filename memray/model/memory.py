@@ -39,6 +39,8 @@ class MemoryConfig:
     query_dropout: float = 0.0
     value_dropout: float = 0.0  # dropout on the softmax weights of the selected slots
     value_init_std: float | None = None  # None: v_dim ** -0.5
+    # the pools' storage: bf16 halves a table's memory (lookups and optimizer arithmetic stay fp32)
+    value_dtype: Literal["fp32", "bf16"] = "fp32"
     value_lr: float | None = 1e-3  # fixed lr of the value pools; None: follow the dense schedule
     value_weight_decay: float = 0.0
     track_usage: bool = True
@@ -72,6 +74,10 @@ class MemoryConfig:
     @property
     def num_slots(self) -> int:
         return self.n_keys**2
+
+    @property
+    def value_torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.value_dtype == "bf16" else torch.float32
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:

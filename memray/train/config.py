@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from memray.config import load_config
 from memray.data import ByteTokenizer, DataConfig
 from memray.distributed.context import ParallelDims
@@ -24,6 +26,9 @@ class TrainerConfig:
     async_checkpoint: bool = False  # write periodic checkpoints from snapshots while training goes on
     eval_facts: int = 0  # at the end, exact-match recall on up to this many training facts
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    # one process (distributed.workers: 0) trains here; auto: a CUDA GPU when there is one. N ranks
+    # train on their process group's device (a GPU per rank under NCCL).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
@@ -32,6 +37,14 @@ class TrainerConfig:
         for name in ("checkpoint_every", "keep_last", "eval_facts"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+
+    def torch_device(self) -> torch.device:
+        """The device a single-process run trains on, where it runs (a config written on a machine
+        without a GPU may train on one)."""
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device", "cuda was asked for, but torch sees no CUDA GPU here")
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(auto if self.device == "auto" else self.device)
 
 
 @dataclass(kw_only=True)

@@ -52,7 +52,7 @@ class Trainer:
         self.config = config
         self.context = context
         self.rank, self.world = (context.rank, context.world_size) if context else (0, 1)
-        self.device = context.device if context else torch.device("cpu")
+        self.device = context.device if context else config.train.torch_device()
         self.run_dir = resolve_run_dir(config, run_dir)
         self.progress = progress and self.rank == 0
         if config.train.threads:
