@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow
 STEPS = 20
 TOL = 1e-4
 OVERRIDES = [f"train.steps={STEPS}", "model.memory.v_dim=1024"]
+
+
 def _config(*extra):
     return load_run_config("tiny", [*OVERRIDES, *extra])
 
