@@ -4,8 +4,9 @@ Claim measured: memray's row-sparse step costs in proportion to the rows a batch
 the table: much faster than the paper's dense AdamW at large N, nearly flat in N, and within a
 small multiple of the time a memory copy needs to move the bytes the step must touch.
 
-Shapes: D = 256 fp32, 2048 tokens x 128 lookups (heads x knn), uniform random rows, N in
-{2^16, 2^18, 2^20, 2^22} (``--quick`` drops 2^18 and cuts repetitions). One step: the weighted
+Shapes: D = 256 fp32 (``--dim``), 2048 tokens x 128 lookups (heads x knn), uniform random rows,
+N in {2^16, 2^18, 2^20, 2^22} (``--quick`` drops 2^18 and cuts repetitions). A method whose
+[N, D] tensors would not fit in the device's free memory is skipped and listed. One step: the weighted
 bag lookup, a backward from a fixed upstream gradient (weights' gradient included, as a memory
 layer needs it), then the optimizer step, then ``zero_grad``.
 
@@ -68,10 +69,10 @@ MEMRAY_OPTIMIZERS = {
 }
 
 
-def memory_needed(method: str, num_rows: int) -> int:
+def memory_needed(method: str, num_rows: int, dim: int) -> int:
     """Bytes of [N, D] fp32 tensors a method holds at once: table, dense gradient, two moments,
     and for torch's default (unfused) AdamW one more [N, D] temporary inside its step."""
-    table = num_rows * D * 4
+    table = num_rows * dim * 4
     return {
         "dense_adamw": 5 * table,
         "dense_adamw_fused": 4 * table,
@@ -81,7 +82,9 @@ def memory_needed(method: str, num_rows: int) -> int:
     }.get(method, table)
 
 
-def memory_available() -> int:
+def memory_available(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -91,10 +94,10 @@ def memory_available() -> int:
     return 1 << 62
 
 
-def touched_bytes(nnz: int, bags: int, unique: int, b: int = 4) -> int:
-    forward = 12 * nnz + nnz * D * b + bags * D * 4
-    backward = bags * D * 4 + 12 * nnz + 4 * nnz + unique * D * b + unique * (D * 4 + 8)
-    optimizer = unique * D * 4 + 2 * unique * D * b + 2 * unique * 4
+def touched_bytes(nnz: int, bags: int, unique: int, dim: int, b: int = 4) -> int:
+    forward = 12 * nnz + nnz * dim * b + bags * dim * 4
+    backward = bags * dim * 4 + 12 * nnz + 4 * nnz + unique * dim * b + unique * (dim * 4 + 8)
+    optimizer = unique * dim * 4 + 2 * unique * dim * b + 2 * unique * 4
     return forward + backward + optimizer
 
 
@@ -123,7 +126,8 @@ class Step:
     """One method's state (table, optimizer) and its step function."""
 
     def __init__(self, method: str, num_rows: int, indices, weights, upstream):
-        self.table = torch.nn.Parameter(torch.empty(num_rows, D, device=indices.device).normal_(0, D**-0.5))
+        dim = upstream.shape[1]
+        self.table = torch.nn.Parameter(torch.empty(num_rows, dim, device=indices.device).normal_(0, dim**-0.5))
         self.indices, self.weights, self.upstream = indices, weights, upstream
         self.method = method
         flat = indices.reshape(-1)
@@ -160,6 +164,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--log2-rows", type=int, nargs="+", help="table sizes 2^k")
     parser.add_argument("--methods", nargs="+", help="subset of methods to time")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU variant)")
+    parser.add_argument("--dim", type=int, default=D, help=f"value dim D (default {D})")
     parser.add_argument(
         "--out",
         default=os.environ.get("OUT") or str(HERE / "results"),
@@ -167,7 +172,8 @@ def main(argv=None) -> dict:
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    name = NAME if device.type == "cpu" else f"{NAME}_{device.type}"
+    dim = args.dim
+    name = (NAME if device.type == "cpu" else f"{NAME}_{device.type}") + ("" if dim == D else f"_d{dim}")
     reps = args.reps or (3 if args.quick else 7)
     log2_rows = args.log2_rows or ([16, 20, 22] if args.quick else [16, 18, 20, 22])
     methods = args.methods or ["dense_adamw", "dense_adamw_fused", "torch_sparse_adam"] + [
@@ -181,16 +187,14 @@ def main(argv=None) -> dict:
         num_rows = 1 << k
         indices = torch.randint(0, num_rows, (TOKENS, BAG_LEN), generator=gen).to(device)
         weights = torch.rand(TOKENS, BAG_LEN, generator=gen).to(device)
-        upstream = torch.randn(TOKENS, D, generator=gen).to(device)
+        upstream = torch.randn(TOKENS, dim, generator=gen).to(device)
         unique = torch.unique(indices).numel()
-        nbytes = touched_bytes(indices.numel(), TOKENS, unique)
+        nbytes = touched_bytes(indices.numel(), TOKENS, unique, dim)
         results = {}
         for method in methods:
-            need = memory_needed(method, num_rows)
-            if device.type == "cpu" and need > 0.85 * memory_available():
-                skipped.append(
-                    f"{method} at 2^{k}: needs {need / 2**30:.1f} GiB, {memory_available() / 2**30:.1f} GiB free"
-                )
+            need, free = memory_needed(method, num_rows, dim), memory_available(device)
+            if need > 0.85 * free:
+                skipped.append(f"{method} at 2^{k}: needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
                 print(f"2^{k}: {method} skipped ({skipped[-1]})", file=sys.stderr, flush=True)
                 continue
             step = Step(method, num_rows, indices, weights, upstream)
@@ -255,7 +259,7 @@ def main(argv=None) -> dict:
         name,
         rows,
         ["log2_rows", "method", "ms", "x_rowwise_adagrad", "unique_rows", "touched_MB"],
-        title=f"Value-table step on {device.type}, D = {D} fp32, {TOKENS} tokens x {BAG_LEN} lookups; "
+        title=f"Value-table step on {device.type}, D = {dim} fp32, {TOKENS} tokens x {BAG_LEN} lookups; "
         f"medians of {reps}",
         machine=info,
         summary=summary,

@@ -50,6 +50,7 @@ from memray.evaluate import greedy_answers  # noqa: E402
 from memray.model import count_parameters  # noqa: E402
 from memray.model.flops import flops_per_token  # noqa: E402
 from memray.train import Trainer, load_run_config  # noqa: E402
+from memray.train.dense import summed_token_loss  # noqa: E402
 
 NAME = "factual_recall"
 MODELS = ("dense", "memory", "memory_plus", "memory_plus_shared", "moe")
@@ -165,6 +166,8 @@ def matched(name: str, config, target_flops: float, target_params: int, seq_len:
 
     if name == "dense":
         lo, hi = 8, 4096
+        while measure([f"model.ffn_hidden={hi}"])[0] < target_flops:  # wide models need wider FFNs
+            lo, hi = hi, 2 * hi
         while hi - lo > 8:  # FLOPs grow with the FFN width: bisect it
             mid = (lo + hi) // 2 // 8 * 8
             lo, hi = (mid, hi) if measure([f"model.ffn_hidden={mid}"])[0] < target_flops else (lo, mid)
@@ -196,11 +199,7 @@ def heldout_loss(model, documents, seq_len: int, pad_id: int) -> float:
     total, count = 0.0, 0
     for _ in range(batches.batches_per_epoch):
         inputs, targets = batches.next()
-        logits = model(inputs)
-        loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total += float(loss)
+        total += float(summed_token_loss(model(inputs), targets))
         count += int((targets != IGNORE_INDEX).sum())
     model.train(was)
     return total / max(count, 1)

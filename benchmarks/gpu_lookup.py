@@ -13,9 +13,11 @@ Sections:
    reference on the same (rounded) inputs, with output buffers NaN-poisoned.
 2. timings (medians, methods interleaved round by round): forward, backward alone (graph
    kept) and forward + backward of memray (``triton``) and ``F.embedding_bag`` (sparse and
-   dense gradient), D = 256, 128 lookups per token, tokens in {2048, 16384}, N in
-   {2^16, 2^20, 2^22}, fp32 and bf16 tables; plus a device-to-device copy (read + write bytes).
-   Bytes are defined as in bench_lookup.py (the minimum traffic, the same for every method).
+   dense gradient; the dense one only where an [N, D] gradient takes under an eighth of the
+   device's memory), 128 lookups per token, by default D in {256, 1024}, tokens in {2048,
+   16384}, N in {2^16, 2^20, 2^22}, fp32 and bf16 tables (``--dims``, ``--log2-rows``,
+   ``--tokens`` choose others); plus a device-to-device copy (read + write bytes). Bytes are
+   defined as in bench_lookup.py (the minimum traffic, the same for every method).
 
 Results go to ``$OUT`` when set, else benchmarks/results/: gpu_lookup.csv and .md; the last
 line printed is JSON with the key figures and ratios.
@@ -42,7 +44,7 @@ from common import import_kernels  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NAME = "gpu_lookup"
-D = 256
+DIMS = (256, 1024)
 BAG_LEN = 128
 LOG2_ROWS = (16, 20, 22)
 TOKENS = (2048, 16384)
@@ -178,12 +180,16 @@ def _close(actual, expected, dtype):
 # ------------------------------------------------------------------------------------------------
 
 
-def forward_bytes(nnz, bags, elem):
-    return nnz * (8 + 4) + nnz * D * elem + bags * D * 4
+def forward_bytes(nnz, bags, elem, dim):
+    return nnz * (8 + 4) + nnz * dim * elem + bags * dim * 4
 
 
-def backward_bytes(nnz, bags, num_unique, elem):
-    return bags * D * 4 + nnz * 12 + nnz * 4 + num_unique * D * elem + num_unique * (D * elem + 8)
+def backward_bytes(nnz, bags, num_unique, elem, dim):
+    return bags * dim * 4 + nnz * 12 + nnz * 4 + num_unique * dim * elem + num_unique * (dim * elem + 8)
+
+
+def _device_memory(device) -> int:
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 1 << 62
 
 
 def interleaved_medians(fns, reps, sync):
@@ -222,7 +228,9 @@ def _memray_fns(K, backend, indices, weights, table, grad_out):
 
 
 def _torch_fns(sparse, indices, weights, table, grad_out):
-    flat_idx, flat_w = indices.reshape(-1), weights.reshape(-1)
+    # F.embedding_bag takes per-sample weights only in the table's dtype, and returns that dtype
+    flat_idx, flat_w = indices.reshape(-1), weights.reshape(-1).to(table.dtype)
+    grad_out = grad_out.to(table.dtype)
     bags = indices.shape[0]
     offsets = torch.arange(bags, dtype=torch.int64, device=indices.device) * indices.shape[1]
 
@@ -245,7 +253,50 @@ def _torch_fns(sparse, indices, weights, table, grad_out):
     return forward, backward, step
 
 
-def run_timings(K, device, backend, reps, log2_rows_list, tokens_list, dtypes, copy_bytes=COPY_BYTES):
+def _time_shape(K, device, backend, reps, log2_rows, dim, dtype, tokens_list, gen, copy_bps, sync) -> list[dict]:
+    """Every method and pass at one table shape (the table lives only inside this call)."""
+    rows = []
+    table = torch.empty(1 << log2_rows, dim, device=device, dtype=dtype).uniform_(-1, 1)
+    elem = table.element_size()
+    dense_fits = table.numel() * 4 * 8 <= _device_memory(device)
+    for bags in tokens_list:
+        indices = torch.randint(0, 1 << log2_rows, (bags, BAG_LEN), device=device, generator=gen)
+        weights = torch.rand(bags, BAG_LEN, device=device, generator=gen)
+        grad_out = torch.randn(bags, dim, device=device, generator=gen)
+        nnz, num_unique = indices.numel(), torch.unique(indices).numel()
+        methods = {
+            f"memray[{backend}]": _memray_fns(K, backend, indices, weights, table, grad_out),
+            "F.embedding_bag sparse": _torch_fns(True, indices, weights, table, grad_out),
+        }
+        if dense_fits:
+            methods["F.embedding_bag dense"] = _torch_fns(False, indices, weights, table, grad_out)
+        fwd_b = forward_bytes(nnz, bags, elem, dim)
+        bwd_b = backward_bytes(nnz, bags, num_unique, elem, dim)
+        for p, (pass_, nbytes) in enumerate(
+            (("forward", fwd_b), ("backward", bwd_b), ("forward+backward", fwd_b + bwd_b))
+        ):
+            fns = {name: fns3[p] for name, fns3 in methods.items()}
+            if pass_ == "forward":
+                fns.pop("F.embedding_bag dense", None)
+            for name, t in interleaved_medians(fns, reps, sync).items():
+                rows.append(
+                    dict(
+                        log2_rows=log2_rows,
+                        dim=dim,
+                        tokens=bags,
+                        dtype=str(dtype).removeprefix("torch."),
+                        method=name,
+                        pass_=pass_,
+                        ms=t * 1e3,
+                        bytes=nbytes,
+                        gbps=nbytes / t / 1e9,
+                        x_copy_floor=t / (nbytes / copy_bps),
+                    )
+                )
+    return rows
+
+
+def run_timings(K, device, backend, reps, log2_rows_list, tokens_list, dtypes, dims=DIMS, copy_bytes=COPY_BYTES):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator(device=device).manual_seed(0)
     src = torch.empty(copy_bytes // 4, device=device).uniform_()
@@ -254,42 +305,9 @@ def run_timings(K, device, backend, reps, log2_rows_list, tokens_list, dtypes, c
     src = dst = None  # free them: the copy timing is done
     rows = []
     for log2_rows in log2_rows_list:
-        for dtype in dtypes:
-            table = torch.empty(1 << log2_rows, D, device=device, dtype=dtype).uniform_(-1, 1)
-            elem = table.element_size()
-            for bags in tokens_list:
-                indices = torch.randint(0, 1 << log2_rows, (bags, BAG_LEN), device=device, generator=gen)
-                weights = torch.rand(bags, BAG_LEN, device=device, generator=gen)
-                grad_out = torch.randn(bags, D, device=device, generator=gen)
-                nnz, num_unique = indices.numel(), torch.unique(indices).numel()
-                methods = {f"memray[{backend}]": _memray_fns(K, backend, indices, weights, table, grad_out)}
-                if dtype == torch.float32:  # F.embedding_bag needs per_sample_weights in the table dtype
-                    methods["F.embedding_bag sparse"] = _torch_fns(True, indices, weights, table, grad_out)
-                    methods["F.embedding_bag dense"] = _torch_fns(False, indices, weights, table, grad_out)
-                fwd_b = forward_bytes(nnz, bags, elem)
-                bwd_b = backward_bytes(nnz, bags, num_unique, elem)
-                for p, (pass_, nbytes) in enumerate(
-                    (("forward", fwd_b), ("backward", bwd_b), ("forward+backward", fwd_b + bwd_b))
-                ):
-                    fns = {name: fns3[p] for name, fns3 in methods.items()}
-                    if pass_ == "forward":
-                        fns.pop("F.embedding_bag dense", None)
-                    for name, t in interleaved_medians(fns, reps, sync).items():
-                        rows.append(
-                            dict(
-                                log2_rows=log2_rows,
-                                tokens=bags,
-                                dtype=str(dtype).removeprefix("torch."),
-                                method=name,
-                                pass_=pass_,
-                                ms=t * 1e3,
-                                bytes=nbytes,
-                                gbps=nbytes / t / 1e9,
-                                x_copy_floor=t / (nbytes / copy_bps),
-                            )
-                        )
-                del methods, fns
-            del table
+        for dim in dims:
+            for dtype in dtypes:
+                rows += _time_shape(K, device, backend, reps, log2_rows, dim, dtype, tokens_list, gen, copy_bps, sync)
     return copy_bps, rows
 
 
@@ -301,16 +319,17 @@ def run_timings(K, device, backend, reps, log2_rows_list, tokens_list, dtypes, c
 def summarize(check_rows, copy_bps, rows, backend):
     """Key figures: checks passed, copy bandwidth, and per shape our GB/s and speed-ups."""
     ours = f"memray[{backend}]"
-    index = {(r["log2_rows"], r["tokens"], r["dtype"], r["method"], r["pass_"]): r for r in rows}
+    index = {(r["log2_rows"], r["dim"], r["tokens"], r["dtype"], r["method"], r["pass_"]): r for r in rows}
     shapes = {}
-    for (log2_rows, tokens, dtype, method, pass_), r in index.items():
+    for (log2_rows, dim, tokens, dtype, method, pass_), r in index.items():
         if method != ours:
             continue
-        entry = shapes.setdefault(f"2^{log2_rows} x {tokens} tok {dtype}", {})
+        entry = shapes.setdefault(f"2^{log2_rows} x {dim} x {tokens} tok {dtype}", {})
         entry[f"{pass_}_GBps"] = round(r["gbps"], 1)
+        entry[f"{pass_}_of_copy"] = round(1 / r["x_copy_floor"], 3)  # achieved / copy bandwidth
         entry[f"{pass_}_x_copy_floor"] = round(r["x_copy_floor"], 2)
         for other in ("F.embedding_bag sparse", "F.embedding_bag dense"):
-            o = index.get((log2_rows, tokens, dtype, other, pass_))
+            o = index.get((log2_rows, dim, tokens, dtype, other, pass_))
             if o is not None:
                 entry[f"{pass_}_speedup_vs_{other.split()[-1]}"] = round(o["ms"] / r["ms"], 2)
     return dict(
@@ -326,7 +345,7 @@ def summarize(check_rows, copy_bps, rows, backend):
 def write_results(out_dir, device_name, check_rows, rows, summary):
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fields = ["log2_rows", "tokens", "dtype", "method", "pass_", "ms", "bytes", "gbps", "x_copy_floor"]
+    fields = ["log2_rows", "dim", "tokens", "dtype", "method", "pass_", "ms", "bytes", "gbps", "x_copy_floor"]
     with open(out_dir / f"{NAME}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -349,12 +368,12 @@ def write_results(out_dir, device_name, check_rows, rows, summary):
         )
     lines += [
         "",
-        "| N | tokens | dtype | method | pass | ms | GB/s | x copy floor |",
-        "|---|---:|---|---|---|---:|---:|---:|",
+        "| N | D | tokens | dtype | method | pass | ms | GB/s | x copy floor |",
+        "|---|---:|---:|---|---|---|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| 2^{r['log2_rows']} | {r['tokens']} | {r['dtype']} | {r['method']} | {r['pass_']} | "
+            f"| 2^{r['log2_rows']} | {r['dim']} | {r['tokens']} | {r['dtype']} | {r['method']} | {r['pass_']} | "
             f"{r['ms']:.3f} | {r['gbps']:.1f} | {r['x_copy_floor']:.2f} |"
         )
     (out_dir / f"{NAME}.md").write_text("\n".join(lines) + "\n")
@@ -367,6 +386,10 @@ def main(argv=None):
     parser.add_argument("--backend", default="triton", help="memray backend to check and time")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repetition (for tests)")
     parser.add_argument("--out", default=None, help="results folder (default: $OUT, else benchmarks/results)")
+    parser.add_argument("--dims", type=int, nargs="+", help=f"value dims to time (default {list(DIMS)})")
+    parser.add_argument("--log2-rows", type=int, nargs="+", help=f"table sizes 2^k to time (default {list(LOG2_ROWS)})")
+    parser.add_argument("--tokens", type=int, nargs="+", help=f"tokens per batch to time (default {list(TOKENS)})")
+    parser.add_argument("--skip-checks", action="store_true", help="timings only (the checks ran elsewhere)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -379,7 +402,7 @@ def main(argv=None):
     out_dir = args.out or os.environ.get("OUT") or (REPO / "benchmarks" / "results")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
-    check_rows = run_checks(K, device, args.backend, smoke=args.smoke)
+    check_rows = [] if args.skip_checks else run_checks(K, device, args.backend, smoke=args.smoke)
     for r in check_rows:
         print(
             f"check {'ok ' if r['ok'] else 'BAD'} {r['case']:42s} {r['table_dtype']:8s} {r['weight_dtype']:8s} "
@@ -388,17 +411,20 @@ def main(argv=None):
         )
 
     copy_bytes = COPY_BYTES
+    dtypes = [torch.float32, torch.bfloat16]
     if args.smoke:
-        reps, log2_rows, tokens, dtypes = 1, [10], [16], [torch.float32, torch.bfloat16]
+        reps, log2_rows, tokens, dims = 1, [10], [16], [16, 33]
         copy_bytes = 1 << 24
     elif args.quick:
-        reps, log2_rows, tokens, dtypes = 5, list(LOG2_ROWS), [TOKENS[0]], [torch.float32, torch.bfloat16]
+        reps, log2_rows, tokens, dims = 5, list(LOG2_ROWS), [TOKENS[0]], list(DIMS)
     else:
-        reps, log2_rows, tokens, dtypes = 20, list(LOG2_ROWS), list(TOKENS), [torch.float32, torch.bfloat16]
-    copy_bps, rows = run_timings(K, device, args.backend, reps, log2_rows, tokens, dtypes, copy_bytes)
+        reps, log2_rows, tokens, dims = 20, list(LOG2_ROWS), list(TOKENS), list(DIMS)
+    log2_rows, tokens, dims = args.log2_rows or log2_rows, args.tokens or tokens, args.dims or dims
+    copy_bps, rows = run_timings(K, device, args.backend, reps, log2_rows, tokens, dtypes, dims, copy_bytes)
     for r in rows:
         print(
-            f"N=2^{r['log2_rows']:<2d} {r['tokens']:6d} tok {r['dtype']:8s} {r['pass_']:16s} {r['method']:24s} "
+            f"N=2^{r['log2_rows']:<2d} D={r['dim']:<5d} {r['tokens']:6d} tok {r['dtype']:8s} {r['pass_']:16s} "
+            f"{r['method']:24s} "
             f"{r['ms']:9.3f} ms {r['gbps']:8.1f} GB/s {r['x_copy_floor']:6.2f}x copy floor",
             flush=True,
         )

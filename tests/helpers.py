@@ -7,6 +7,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+# `make gpu-check` runs the tests marked gpu with this set to its device (cuda; cpu for its smoke
+# run): tests parametrized with device_params() then also run there
+GPU_CHECK_DEVICE = os.environ.get("MEMRAY_GPU_CHECK_DEVICE")
+
+
+def device_params() -> list:
+    """"cpu", and the GPU check's device (marked gpu) when `make gpu-check` runs the tests."""
+    import pytest
+
+    params = ["cpu"]
+    if GPU_CHECK_DEVICE:
+        params.append(pytest.param(GPU_CHECK_DEVICE, marks=pytest.mark.gpu, id=f"gpu-check-{GPU_CHECK_DEVICE}"))
+    return params
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (its workers are pickled by module name)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 def sets(*overrides: str) -> list[str]:
     """``--set KEY=VALUE`` for each override."""

@@ -593,7 +593,8 @@ def test_gpu_lookup_plumbing_on_cpu(tmp_path, capsys):
     code = gpu.main(["--device", "cpu", "--backend", backend, "--smoke", "--out", str(tmp_path)])
     summary = _last_json_line(capsys.readouterr().out)
     assert code == 0 and summary["checks_passed"] == summary["checks_total"] > 0
-    assert "2^10 x 16 tok float32" in summary["shapes"]
+    assert {"2^10 x 16 x 16 tok float32", "2^10 x 33 x 16 tok bfloat16"} <= set(summary["shapes"])
+    assert "backward_speedup_vs_sparse" in summary["shapes"]["2^10 x 33 x 16 tok bfloat16"]
     assert (tmp_path / "gpu_lookup.csv").exists() and (tmp_path / "gpu_lookup.md").exists()
 
 

@@ -38,6 +38,7 @@ import io  # noqa: E402
 import json  # noqa: E402
 
 import pytest  # noqa: E402
+from helpers import device_params  # noqa: E402
 
 from memray.errors import ConfigError  # noqa: E402
 from memray.model import ValueTable  # noqa: E402
@@ -91,7 +92,7 @@ class Reference:
 
     def __init__(self, kind, table, weight_decay):
         self.kind, self.wd = kind.removesuffix("_unfused"), weight_decay
-        self.weight = table.detach().double().clone()
+        self.weight = table.detach().cpu().double().clone()
         self.sum_sq = torch.zeros(NUM_ROWS, dtype=torch.float64)
         self.exp_avg = torch.zeros(NUM_ROWS, DIM, dtype=torch.float64)
         self.exp_avg_sq = torch.zeros(NUM_ROWS, DIM, dtype=torch.float64)
@@ -99,13 +100,14 @@ class Reference:
 
     def sync(self, table, state):
         """Start the next step from the implementation's stored (possibly bf16-rounded) values."""
-        self.weight = table.detach().double().clone()
+        self.weight = table.detach().cpu().double().clone()
         for name, value in state.items():
+            value = value.cpu()
             setattr(self, name, value.double().clone() if value.is_floating_point() else value.long().clone())
 
     def step(self, grad) -> list[int]:
         rows = grad._indices()[0].tolist()
-        values = grad._values().double()
+        values = grad._values().cpu().double()
         dense = torch.zeros(NUM_ROWS, DIM, dtype=torch.float64)
         for k, r in enumerate(rows):  # duplicates add up
             dense[r] += values[k]
@@ -204,12 +206,14 @@ CASES = [  # (optimizer, table dtype, state dtype)
 ] + UNFUSED_CASES
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
 @pytest.mark.parametrize("kind,table_dtype,state_dtype", CASES, ids=lambda v: str(v).replace("torch.", ""))
-def test_row_sparse_optimizer_matches_float64_reference(kind, table_dtype, state_dtype, weight_decay):
+def test_row_sparse_optimizer_matches_float64_reference(kind, table_dtype, state_dtype, weight_decay, device):
     base = kind.removesuffix("_unfused")
     generator = torch.Generator().manual_seed(1)
-    table = torch.nn.Parameter((torch.randn(NUM_ROWS, DIM, generator=generator) * 0.5).to(table_dtype))
+    initial = (torch.randn(NUM_ROWS, DIM, generator=generator) * 0.5).to(table_dtype)
+    table = torch.nn.Parameter(initial.to(device))
     opt = make_optimizer(kind, [table], weight_decay, state_dtype)
     reference = Reference(kind, table, weight_decay)
     # With bf16 anywhere the reference restarts each step from the stored values: a legitimate
@@ -221,25 +225,27 @@ def test_row_sparse_optimizer_matches_float64_reference(kind, table_dtype, state
         state = opt.state[table]
         if resync:
             reference.sync(table, state)
-        before = {"weight": table.detach().clone(), **{k: v.clone() for k, v in state.items()}}
-        table.grad = random_gradient(step, table_dtype, generator)
+        before = {"weight": table.detach().cpu().clone(), **{k: v.cpu().clone() for k, v in state.items()}}
+        table.grad = random_gradient(step, table_dtype, generator).to(device)
         opt.step()
         touched = reference.step(table.grad)
         ever_touched |= set(touched)
         state = opt.state[table]
         assert set(state) == {"sgd": set(), "rowwise_adagrad": {"sum_sq"}}.get(base, {*MOMENTS, "row_step"})
+        assert all(value.device == table.device for value in state.values())
+        state = {k: v.cpu() for k, v in state.items()}
         untouched = torch.ones(NUM_ROWS, dtype=torch.bool)
         untouched[touched] = False
 
         # untouched rows and their state: bit for bit what they were (zeros for fresh state)
-        after = {"weight": table.detach(), **state}
+        after = {"weight": table.detach().cpu(), **state}
         for name, value in after.items():
             old = before.get(name, torch.zeros_like(value))
             assert torch.equal(value[untouched], old[untouched]), f"step {step}: untouched rows of {name} changed"
         if not touched:
             continue
         # touched rows: the reference rule
-        assert_matches(table.detach()[touched], reference.weight[touched], f"step {step} weight")
+        assert_matches(after["weight"][touched], reference.weight[touched], f"step {step} weight")
         if base == "rowwise_adagrad":
             assert state["sum_sq"].dtype == torch.float32
             assert_matches(state["sum_sq"][touched], reference.sum_sq[touched], f"step {step} sum_sq")
@@ -249,8 +255,8 @@ def test_row_sparse_optimizer_matches_float64_reference(kind, table_dtype, state
             for name in MOMENTS:
                 assert state[name].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[state_dtype]
                 assert_matches(state[name][touched], getattr(reference, name)[touched], f"step {step} {name}")
-        pushed = table.grad.coalesce().to_dense().ne(0).any(-1)  # rows with a non-zero summed gradient
-        moved = (table.detach() != before["weight"]).any(-1)
+        pushed = table.grad.coalesce().to_dense().ne(0).any(-1).cpu()  # rows with a non-zero summed gradient
+        moved = (after["weight"] != before["weight"]).any(-1)
         assert moved[pushed].float().mean() > 0.9, "rows with a gradient should move"
     assert len(ever_touched) < NUM_ROWS - 4
 
