@@ -12,7 +12,15 @@ PINS := torch==2.13.0 triton==3.7.1 "ray[default,train,data]==2.60.0" deepspeed=
         pyarrow==26.0.1 zarr==3.1.6 tokenizers==0.23.3 click pyyaml safetensors tqdm matplotlib pytest \
         ruff==0.17.6
 
-.PHONY: setup demo lint test test-fast demo-test clean
+# What a lent GPU host lacks (it has torch and triton), for cp312 x86-64: `make gpu-wheels`
+GPU_WHEELS := zarr==3.1.6 numcodecs==0.16.6 google-crc32c==1.9.0 donfig==0.8.1.post1 hjson==3.1.0 \
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+        typing-extensions==4.16.0
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+        manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+DEVICE ?= cuda
+
+.PHONY: setup demo lint test test-fast demo-test gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -42,8 +50,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The whole suite, the demo's recall promise included (about 11 minutes on 2 cores).
+# The whole suite, the demo's recall promise included, and the GPU check's CPU smoke run
+# (about 12 minutes on 2 cores).
 test: lint
+	$(MAKE) --no-print-directory gpu-check DEVICE=cpu
 	$(PY) -m pytest -q tests
 
 # The inner loop: everything but the multi-process, Ray and minutes-long tests (under 2 minutes).
@@ -53,6 +63,21 @@ test-fast: setup
 # The demo's promise alone: the demo config recalls >= 90% of its facts (about 6 minutes).
 demo-test: setup
 	$(PY) -m pytest -q -m demo tests
+
+# One command for a lent GPU (benchmarks/gpu.sh; DEVICE=cpu: its smoke run, QUICK=1, OUT=DIR).
+# A GPU host has no make of its own for sure: `bash benchmarks/gpu.sh` is the same.
+gpu-check: $(if $(filter cpu,$(DEVICE)),setup)
+	DEVICE=$(DEVICE) bash benchmarks/gpu.sh
+
+# What the GPU host lacks, as wheels in .whl/ (ignored by git; carried to the host).
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(GPU_PLATFORMS) -d .whl $(GPU_WHEELS) 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@# DeepSpeed publishes no wheel: build its pure-Python one (its ops compile on first use)
+	$(PY) -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w .whl deepspeed==0.19.8 \
+		2>&1 | { grep -v "^WARNING: Location" || true; }
+	@ls .whl && du -sh .whl
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

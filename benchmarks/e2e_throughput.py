@@ -109,6 +109,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, help="blocks of both models (default 4)")
     parser.add_argument("--batch", type=int, default=32, help="sequences of 128 tokens per step")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
+    parser.add_argument("--one-process", action="store_true", help="leave out the 2-rank run")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
     blocks, block_steps = (3, 4) if args.quick else (8, 5)
@@ -121,7 +122,7 @@ def main(argv=None) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         results["1 process"] = time_models(overrides, blocks, block_steps, run_dir=tmp)
-        if args.device == "cpu":  # 2 ranks of one GPU would share it: they run on CPUs only
+        if args.device == "cpu" and not args.one_process:  # 2 ranks of one GPU would share it: CPUs only
             from memray.distributed import spawn
 
             results["2 ranks"] = spawn(_ranked, 2, overrides, blocks, block_steps, tmp)[0]

@@ -22,6 +22,7 @@ def _seed_and_threads():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (still run by make test)")
     config.addinivalue_line("markers", "demo: the demo's minutes-long recall promise (make test; not make test-fast)")
+    config.addinivalue_line("markers", "gpu: run by make gpu-check on its device (MEMRAY_GPU_CHECK_DEVICE)")
 
 
 # Runs that several test files check, each trained once per session. Tests copy a checkpoint

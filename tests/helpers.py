@@ -13,7 +13,7 @@ GPU_CHECK_DEVICE = os.environ.get("MEMRAY_GPU_CHECK_DEVICE")
 
 
 def device_params() -> list:
-    """"cpu", and the GPU check's device (marked gpu) when `make gpu-check` runs the tests."""
+    """ "cpu", and the GPU check's device (marked gpu) when `make gpu-check` runs the tests."""
     import pytest
 
     params = ["cpu"]

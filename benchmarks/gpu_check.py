@@ -1,0 +1,559 @@
+"""Everything a lent GPU is for, in one command: correctness on the hardware, training, speed, scale.
+
+``make gpu-check`` (benchmarks/gpu.sh) runs this on one GPU in under 8 minutes (``--quick``: 3).
+Each section runs in processes of its own, so one failing section does not hide the others:
+
+* ``tests``: ``pytest -m gpu`` on the device — the Triton lookup against the float64 reference,
+  the row-sparse optimizers against their float64 rules, the product-key search against brute
+  force, a sharded table at world size 1 under NCCL against the unsharded layer.
+* ``train``: ``memray train tiny`` in bf16 on one process on the device, and on one rank of the
+  processes launcher (NCCL + DeepSpeed) at ZeRO-1 and ZeRO-3; the checkpoints the device wrote
+  resume on the CPU (a process that sees no GPU), and the next step's loss must agree with the
+  device run's within bf16 rounding.
+* ``lookup``: forward and backward of the value lookup, GB/s against a device-to-device copy
+  and against ``F.embedding_bag`` (gpu_lookup.py), N from 2^20 to 2^24, D 256 and 1024, fp32 and
+  bf16 tables.
+* ``value_step``: lookup + backward + row-sparse step against the paper's dense AdamW at D = 1024
+  (bench_value_step.py).
+* ``layer``: a Memory+ layer with 2^20 slots, forward + backward, against the same layer reading
+  its values with ``F.embedding_bag``.
+* ``e2e``: training tokens/s of Memory+ (2^20 slots) against a dense model of equal FLOPs per
+  token, bf16 (e2e_throughput.py).
+* ``scale``: training steps of a small model whose pool is 2^24 x 1024 bf16 (17.2B values, row-wise
+  Adagrad) against the same model with a 2^16-row pool.
+
+``--device cpu`` runs the same sections at tiny shapes (the Triton interpreter, a CPU lookup
+backend) in about a minute: ``make test`` runs it so that the script cannot rot between GPU runs;
+the performance targets are judged only on a GPU. Results: ``gpu_check.json`` (every figure, each
+target and whether it was met), ``gpu_check.md``, ``gpu_check.log`` and ``details.tar.gz`` (each
+benchmark's own CSV and Markdown) in ``--out`` (default: $OUT, else benchmarks/results/gpu). The
+exit code is 1 when a correctness check failed or a section broke, 0 otherwise (missed speed
+targets are reported, not fatal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+NAME = "gpu_check"
+BF16_LOSS_RTOL = 1e-2  # bf16 keeps 8 bits of mantissa: a loss agrees to about 0.4%; twice that, and some
+SPEED = "speed"  # the third element of a check that is a speed target: reported, not fatal
+
+
+# ------------------------------------------------------------------------------------------------
+# running things
+# ------------------------------------------------------------------------------------------------
+
+
+class Log:
+    def __init__(self, path: pathlib.Path):
+        self.handle = open(path, "w")
+
+    def __call__(self, text: str) -> None:
+        print(text, flush=True)
+        self.handle.write(text + "\n")
+        self.handle.flush()
+
+
+def run(log: Log, args: list, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command, its output into the log; the completed process (stdout kept)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    started = time.monotonic()
+    log(f"$ {' '.join(map(str, args))}")
+    try:
+        result = subprocess.run(
+            list(map(str, args)), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        log(f"  timed out after {timeout:.0f} s")
+        return subprocess.CompletedProcess(args, 124, exc.stdout or "", exc.stderr or "")
+    for line in (result.stdout + result.stderr).splitlines()[-40:]:
+        log(f"  {line}")
+    log(f"  exit {result.returncode} in {time.monotonic() - started:.1f} s")
+    return result
+
+
+def last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON line in the output")
+
+
+def device_env(device: str) -> dict:
+    """On a GPU: compiled Triton kernels and DeepSpeed's CUDA accelerator, whatever the test
+    configuration sets for CPU machines (the interpreter, DeepSpeed's CPU accelerator)."""
+    return {"TRITON_INTERPRET": "0", "DS_ACCELERATOR": "cuda"} if device == "cuda" else {}
+
+
+def memray(*args) -> list:
+    return [sys.executable, "-m", "memray.cli", *args]
+
+
+def sets(*overrides: str) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+# ------------------------------------------------------------------------------------------------
+# sections: each returns (figures, checks) where checks maps a name to (passed, what was required)
+# ------------------------------------------------------------------------------------------------
+
+
+def section_env(device: str, log: Log, _work: pathlib.Path, _quick: bool) -> tuple[dict, dict]:
+    code = (
+        "import json, torch, triton, platform\n"
+        "d = {'python': platform.python_version(), 'torch': torch.__version__, 'triton': triton.__version__}\n"
+        f"if {device!r} == 'cuda':\n"
+        "    p = torch.cuda.get_device_properties(0)\n"
+        "    d.update(gpu=p.name, capability=f'{p.major}.{p.minor}', memory_GiB=round(p.total_memory / 2**30, 1),\n"
+        "             multiprocessors=p.multi_processor_count)\n"
+        "print(json.dumps(d))\n"
+    )
+    result = run(log, [sys.executable, "-c", code], 120)
+    figures = last_json(result.stdout) if result.returncode == 0 else {}
+    return figures, {"environment": (result.returncode == 0, "torch, triton and the device answer")}
+
+
+def section_tests(device: str, log: Log, work: pathlib.Path, _quick: bool) -> tuple[dict, dict]:
+    junit = work / "pytest-gpu.xml"
+    result = run(
+        log,
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider", f"--junitxml={junit}"],
+        600,
+        env={"MEMRAY_GPU_CHECK_DEVICE": device},
+    )
+    figures = {}
+    if junit.exists():
+        import xml.etree.ElementTree as ET
+
+        suite = ET.parse(junit).getroot()
+        suite = suite if suite.tag == "testsuite" else suite[0]
+        figures = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    ok = result.returncode == 0 and figures.get("tests", 0) > 0
+    return figures, {"pytest -m gpu": (ok, "every GPU test passes")}
+
+
+def _losses(run_dir: pathlib.Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines)}
+
+
+def _checkpoint(run_dir: pathlib.Path, step: int) -> pathlib.Path:
+    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+
+def section_train(device: str, log: Log, work: pathlib.Path, quick: bool) -> tuple[dict, dict]:
+    """Each configuration trains on the device and saves every third of its steps; one CPU
+    process resumes the first checkpoint, and the configuration resumes that CPU run's next
+    checkpoint back on the device ("one process" and ZeRO-1; ZeRO-3 cannot load one yet). Each
+    resumed run's first loss is compared with the run whose state it continued."""
+    third = 3 if device == "cpu" or quick else 10
+    steps = 3 * third
+    common = sets(
+        "train.precision=bf16",
+        f"train.steps={steps}",
+        "train.log_every=1",
+        f"train.checkpoint_every={third}",
+        "train.keep_last=0",
+    )
+    on_cpu = ["--workers", "0", *sets("train.device=cpu")]
+    configurations = {  # name -> (options on the device, resumes back on the device)
+        "one process": (["--workers", "0", *sets(f"train.device={device}")], True),
+        "1 rank ZeRO-1": (
+            ["--workers", "1", *sets("distributed.launcher=processes", "distributed.zero_stage=1")],
+            True,
+        ),
+    }
+    if device != "cpu":  # the CPU smoke run leaves ZeRO-3 to tests/test_distributed_training.py
+        configurations["1 rank ZeRO-3"] = (
+            ["--workers", "1", *sets("distributed.launcher=processes", "distributed.zero_stage=3")],
+            False,
+        )
+    figures, checks = {}, {}
+
+    def train(run_dir, options, resume=None, env=None) -> dict[int, float]:
+        args = ["train", "tiny", "--no-progress", "--run-dir", run_dir, *common, *options]
+        result = run(log, memray(*args, *(["--resume", resume] if resume else [])), 300, env=env)
+        return _losses(run_dir) if result.returncode == 0 else {}
+
+    def agree(what, continued: dict, reference: dict, step: int) -> None:
+        ok = step in continued and step in reference
+        if ok:
+            rel = abs(continued[step] - reference[step]) / abs(reference[step])
+            figures[f"{what}: step {step} loss (resumed, original, relative difference)"] = [
+                continued[step],
+                reference[step],
+                rel,
+            ]
+            ok = rel <= BF16_LOSS_RTOL
+        checks[what] = (ok, f"step {step}'s loss within {BF16_LOSS_RTOL:.0%} (relative) of the run it continues")
+
+    for name, (options, back) in configurations.items():
+        slug = name.replace(" ", "-")
+        losses = train(work / slug, options)
+        figures[f"{name}: losses at steps 1, {third}, {steps}"] = [losses.get(s) for s in (1, third, steps)]
+        checks[f"train {name} on {device}"] = (
+            bool(losses) and losses[steps] < losses[1],
+            "trains in bf16; the loss falls",
+        )
+        # a process that sees no GPU reads what the device saved (any world size or stage may)
+        on_cpu_losses = train(
+            work / f"{slug}-on-cpu", on_cpu, _checkpoint(work / slug, third), env={"CUDA_VISIBLE_DEVICES": ""}
+        )
+        agree(f"{name}: saved on {device}, resumed on CPU", on_cpu_losses, losses, third + 1)
+        if back:
+            back_losses = train(work / f"{slug}-back", options, _checkpoint(work / f"{slug}-on-cpu", 2 * third))
+            agree(f"{name}: saved on CPU, resumed on {device}", back_losses, on_cpu_losses, 2 * third + 1)
+    return figures, checks
+
+
+def section_lookup(device: str, log: Log, work: pathlib.Path, quick: bool) -> tuple[dict, dict]:
+    script = [sys.executable, HERE / "gpu_lookup.py", "--device", device, "--skip-checks", "--out", work]
+    if device == "cpu":
+        script += ["--backend", "torch", "--smoke"]
+    elif quick:
+        script += ["--quick", "--log2-rows", "20", "24", "--dims", "1024", "--tokens", "16384"]
+    else:
+        script += ["--log2-rows", "20", "22", "24", "--dims", "256", "1024", "--tokens", "16384"]
+    result = run(log, script, 420)
+    if result.returncode != 0:
+        return {}, {"lookup benchmark": (False, "runs")}
+    summary = last_json(result.stdout)
+    shapes = summary["shapes"]
+
+    def worst(key):
+        values = [s[key] for s in shapes.values() if key in s]
+        return min(values) if values else None
+
+    def torch_speedup(shape):  # against the faster of torch's two gradients
+        return min(v for k, v in shape.items() if k.startswith("backward_speedup_vs_"))
+
+    figures = {
+        "copy_GBps": summary["copy_GBps"],
+        "forward_of_copy_min": worst("forward_of_copy"),
+        "backward_of_copy_min": worst("backward_of_copy"),
+        "backward_speedup_vs_torch_min": min(torch_speedup(s) for s in shapes.values()),
+        "shapes": shapes,
+    }
+    checks = {"lookup benchmark": (True, "runs")}
+    if device != "cpu":
+        checks["lookup forward >= 80% of copy"] = (figures["forward_of_copy_min"] >= 0.8, "every shape", SPEED)
+        checks["lookup backward >= 50% of copy"] = (figures["backward_of_copy_min"] >= 0.5, "every shape", SPEED)
+        checks["lookup backward >= 3x F.embedding_bag"] = (
+            figures["backward_speedup_vs_torch_min"] >= 3,
+            "every shape, against torch's faster gradient",
+            SPEED,
+        )
+    return figures, checks
+
+
+def section_value_step(device: str, log: Log, work: pathlib.Path, quick: bool) -> tuple[dict, dict]:
+    script = [sys.executable, HERE / "bench_value_step.py", "--device", device, "--out", work]
+    if device == "cpu":
+        script += ["--dim", "16", "--log2-rows", "10", "12", "--reps", "1"]
+        script += ["--methods", "dense_adamw", "memray_rowwise_adagrad", "memray_lazy_adam"]
+    else:
+        script += ["--dim", "1024", "--log2-rows", "16", "20", "22", *(["--reps", "3"] if quick else [])]
+    result = run(log, script, 420)
+    if result.returncode != 0:
+        return {}, {"value step benchmark": (False, "runs")}
+    summary = last_json(result.stdout)
+    keys = ("speedup_vs_dense_2p20", "speedup_vs_dense_2p22", "dense_baseline_2p22", "floor_ratio_2p22")
+    figures = {k: summary.get(k) for k in (*keys, "rowwise_adagrad_ms", "skipped")}
+    checks = {"value step benchmark": (True, "runs")}
+    if device != "cpu":
+        speedup = summary.get("speedup_vs_dense_2p22")
+        checks["value step 2^22 x 1024 >= 20x dense AdamW"] = (
+            bool(speedup and speedup >= 20),
+            "row-wise Adagrad vs the dense AdamW that fits",
+            SPEED,
+        )
+    return figures, checks
+
+
+def section_e2e(device: str, log: Log, work: pathlib.Path, quick: bool) -> tuple[dict, dict]:
+    script = [sys.executable, HERE / "e2e_throughput.py", "--device", device, "--precision", "bf16", "--out", work]
+    if device == "cpu":
+        script += ["--quick", "--n-keys", "16", "--batch", "4", "--one-process"]
+    else:
+        script += ["--n-keys", "1024", "--dim", "1024", "--layers", "8", "--batch", "16"]
+        script += sets("model.n_heads=8", "model.memory.k_dim=512", "model.memory.value_dtype=bf16")
+        script += ["--quick"] if quick else []
+    result = run(log, script, 420)
+    if result.returncode != 0:
+        return {}, {"e2e benchmark": (False, "runs")}
+    ratio = last_json(result.stdout)["memory_plus_over_dense"]["1 process"]
+    checks = {"e2e benchmark": (True, "runs")}
+    if device != "cpu":
+        checks["Memory+ trains >= 0.8x dense tokens/s"] = (
+            ratio >= 0.8,
+            "equal FLOPs per token, bf16, 2^20 slots",
+            SPEED,
+        )
+    return {"memory_plus_over_dense": ratio}, checks
+
+
+def section_layer(device: str, log: Log, _work: pathlib.Path, quick: bool) -> tuple[dict, dict]:
+    script = [sys.executable, __file__, "--part", "layer", "--device", device, *(["--quick"] if quick else [])]
+    result = run(log, script, 300)
+    if result.returncode != 0:
+        return {}, {"Memory+ layer benchmark": (False, "runs")}
+    return last_json(result.stdout), {"Memory+ layer benchmark": (True, "runs")}
+
+
+def section_scale(device: str, log: Log, _work: pathlib.Path, quick: bool) -> tuple[dict, dict]:
+    script = [sys.executable, __file__, "--part", "scale", "--device", device, *(["--quick"] if quick else [])]
+    result = run(log, script, 420)
+    if result.returncode != 0:
+        return {}, {"scale benchmark": (False, "runs")}
+    figures = last_json(result.stdout)
+    checks = {"scale benchmark": (True, "runs")}
+    if device != "cpu":
+        checks["2^24 x 1024 bf16 pool steps within 1.3x of 2^16"] = (
+            figures["ratio"] <= 1.3,
+            "same model and batch",
+            SPEED,
+        )
+    return figures, checks
+
+
+# ------------------------------------------------------------------------------------------------
+# parts timed in a process of their own
+# ------------------------------------------------------------------------------------------------
+
+
+def _median_seconds(fn, reps: int, sync) -> float:
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def part_layer(device: str, quick: bool) -> dict:
+    """A Memory+ layer forward + backward: memray's lookup against F.embedding_bag's."""
+    import torch
+    import torch.nn.functional as F
+
+    from memray.model import MemoryConfig, ProductKeyMemory, ValueTable
+
+    class EmbeddingBagTable(ValueTable):
+        """The same pool read through torch's embedding bag (row-sparse gradient)."""
+
+        def forward(self, indices, weights, *, record=False):
+            offsets = torch.arange(indices.shape[0], device=indices.device) * indices.shape[1]
+            return F.embedding_bag(
+                indices.reshape(-1),
+                self.weight,
+                offsets,
+                mode="sum",
+                sparse=True,
+                per_sample_weights=weights.reshape(-1).to(self.weight.dtype),
+            )
+
+    dev = torch.device(device)
+    small = dev.type == "cpu"
+    dim, tokens = (64, 256) if small else (1024, 16384)
+    config = MemoryConfig(
+        n_keys=16 if small else 1024,
+        heads=4,
+        knn=8 if small else 32,
+        k_dim=64 if small else 512,
+        swilu=True,
+        qk_norm=True,
+        value_dtype="bf16",
+        track_usage=False,
+    )
+    layer = ProductKeyMemory(dim, config, device=dev)
+    torch_pool = EmbeddingBagTable(config.num_slots, dim, dtype=torch.bfloat16, device=dev, init_seed=0)
+    with torch.no_grad():
+        torch_pool.weight.copy_(layer.values.weight)
+    torch_layer = ProductKeyMemory(dim, config, values=torch_pool, device=dev)
+    torch_layer.load_state_dict(
+        {k: v for k, v in layer.state_dict().items() if not k.startswith("value_table.")}, strict=False
+    )
+    x = torch.randn(tokens, dim, device=dev)
+    upstream = torch.randn(tokens, dim, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step(module):
+        def fn():
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                y = module(x)
+            y.float().backward(upstream)
+            module.zero_grad(set_to_none=True)
+            module.values.weight.grad = None
+
+        return fn
+
+    reps = 3 if small else (10 if quick else 30)
+    ours = _median_seconds(step(layer), reps, sync)
+    theirs = _median_seconds(step(torch_layer), reps, sync)
+    return {
+        "slots": config.num_slots,
+        "dim": dim,
+        "tokens": tokens,
+        "memray_ms": ours * 1e3,
+        "embedding_bag_ms": theirs * 1e3,
+        "speedup": theirs / ours,
+    }
+
+
+def part_scale(device: str, quick: bool) -> dict:
+    """Training steps of one small model with a 2^16-row and a 2^24-row bf16 pool (row-wise
+    Adagrad), the same batches: median step time of each and their ratio."""
+    import torch
+
+    from memray.train import Trainer, load_run_config
+
+    small = device == "cpu"
+    sizes = (4, 8) if small else (256, 4096)  # n_keys: 2^16 and 2^24 slots on a GPU
+    v_dim = 32 if small else 1024
+    reps = 3 if small else (8 if quick else 20)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_keys in sizes:
+            config = load_run_config(
+                "tiny",
+                [
+                    f"train.device={device}",
+                    "train.precision=bf16",
+                    "train.batch_size=16",
+                    "data.seq_len=64",
+                    "model.dim=256" if not small else "model.dim=64",
+                    "model.n_heads=4",
+                    "model.memory_layers=[1]",
+                    f"model.memory.n_keys={n_keys}",
+                    f"model.memory.v_dim={v_dim}",
+                    "model.memory.value_dtype=bf16",
+                    "model.memory.heads=4",
+                    f"model.memory.knn={4 if small else 32}",
+                    "model.memory.k_dim=64",
+                    "optim.value_optimizer=rowwise_adagrad",
+                    "model.memory.value_lr=0.01",
+                ],
+            )
+            trainer = Trainer(config, run_dir=f"{tmp}/{n_keys}", progress=False)
+            trainer.model.train()
+            sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+            out[f"step_ms_2^{2 * n_keys.bit_length() - 2}"] = 1e3 * _median_seconds(
+                lambda trainer=trainer: trainer.train_step(*trainer.batches.next()), reps, sync
+            )
+            out[f"pool_GiB_2^{2 * n_keys.bit_length() - 2}"] = round(
+                trainer.tables["layer1"].weight.numel() * 2 / 2**30, 3
+            )
+            del trainer
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    small_key, large_key = (k for k in out if k.startswith("step_ms"))
+    out["ratio"] = out[large_key] / out[small_key]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+SECTIONS = {
+    "env": section_env,
+    "tests": section_tests,
+    "train": section_train,
+    "lookup": section_lookup,
+    "value_step": section_value_step,
+    "layer": section_layer,
+    "e2e": section_e2e,
+    "scale": section_scale,
+}
+
+
+def write_report(out: pathlib.Path, report: dict) -> None:
+    (out / f"{NAME}.json").write_text(json.dumps(report, indent=1))
+    lines = [
+        f"# {NAME} on {report['figures'].get('env', {}).get('gpu', report['device'])}",
+        "",
+        f"{report['figures'].get('env', {})}; {'quick' if report['quick'] else 'full'} run, {report['seconds']:.0f} s.",
+        "",
+        "| check | met | required |",
+        "|---|---|---|",
+    ]
+    for name, (ok, what, *kind) in report["checks"].items():
+        lines.append(f"| {name} | {'yes' if ok else 'NO'} | {what}{' (speed target)' if kind else ''} |")
+    lines += ["", "Figures:", ""]
+    for section, figures in report["figures"].items():
+        if section != "env":
+            lines.append(f"- **{section}**: `{json.dumps(figures)}`")
+    lines.append(f"- sections that broke: {report['broken'] or 'none'}")
+    (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (a lent GPU) or cpu (the smoke run)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (under 3 minutes)")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results" / "gpu"))
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="a comma-separated subset")
+    parser.add_argument("--part", choices=["layer", "scale"], help=argparse.SUPPRESS)  # run by a section
+    args = parser.parse_args(argv)
+    if args.part:
+        print(json.dumps((part_layer if args.part == "layer" else part_scale)(args.device, args.quick)))
+        return 0
+    os.environ.update(device_env(args.device))  # every process below inherits it
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / f"{NAME}.log")
+    started = time.monotonic()
+    report = {"device": args.device, "quick": args.quick, "figures": {}, "checks": {}, "broken": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = pathlib.Path(tmp)
+        for name in args.sections.split(","):
+            log(f"== {name}")
+            fn = SECTIONS[name]
+            try:
+                figures, checks = fn(args.device, log, work, args.quick)
+            except Exception as exc:  # noqa: BLE001 - a broken section is reported with the others
+                log(f"  section {name} broke: {type(exc).__name__}: {exc}")
+                report["broken"].append(name)
+                continue
+            report["figures"][name] = figures
+            report["checks"].update(checks)
+        with tarfile.open(out / "details.tar.gz", "w:gz") as tar:
+            for path in sorted(work.glob("*.csv")) + sorted(work.glob("*.md")):
+                tar.add(path, arcname=path.name)
+    report["seconds"] = time.monotonic() - started
+    write_report(out, report)
+    for name, (ok, what, *kind) in report["checks"].items():
+        log(f"{'ok ' if ok else 'NO '} {name} ({what}{', speed target' if kind else ''})")
+    passed = all(ok for ok, _, *kind in report["checks"].values() if not kind) and not report["broken"]
+    log(
+        json.dumps(
+            {
+                "benchmark": NAME,
+                "device": args.device,
+                "passed": passed,
+                "checks_met": sum(ok for ok, *_ in report["checks"].values()),
+                "checks": len(report["checks"]),
+                "broken": report["broken"],
+                "seconds": round(report["seconds"]),
+            }
+        )
+    )
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
