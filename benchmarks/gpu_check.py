@@ -287,7 +287,7 @@ def section_e2e(device: str, log: Log, work: pathlib.Path, quick: bool) -> tuple
     if device == "cpu":
         script += ["--quick", "--n-keys", "16", "--batch", "4", "--one-process"]
     else:
-        script += ["--n-keys", "1024", "--dim", "1024", "--layers", "8", "--batch", "16"]
+        script += ["--n-keys", "1024", "--dim", "1024", "--layers", "8", "--batch", "64"]
         script += sets("model.n_heads=8", "model.memory.k_dim=512", "model.memory.value_dtype=bf16")
         script += ["--quick"] if quick else []
     result = run(log, script, 420)

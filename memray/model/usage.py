@@ -32,11 +32,12 @@ def usage_metrics(counts: torch.Tensor, mass: torch.Tensor, prefix: str = "") ->
         nz = p[p > 0]
         out["kl_uniform"] = float((nz * nz.log()).sum()) + math.log(num_slots)
         ascending = torch.sort(p).values
-        ranks = torch.arange(1, num_slots + 1, dtype=torch.float64)
+        ranks = torch.arange(1, num_slots + 1, dtype=torch.float64, device=ascending.device)
         # Gini from the Lorenz curve of the sorted shares.
         out["gini"] = float(((2 * ranks - num_slots - 1) * ascending).sum() / num_slots)
         cumulative = torch.cumsum(ascending.flip(0), 0)
         for level, name in ((0.5, "top50"), (0.9, "top90"), (0.99, "top99")):
-            needed = int(torch.searchsorted(cumulative, torch.tensor(level * (1 - 1e-12), dtype=torch.float64))) + 1
+            threshold = torch.tensor(level * (1 - 1e-12), dtype=torch.float64, device=cumulative.device)
+            needed = int(torch.searchsorted(cumulative, threshold)) + 1
             out[name] = min(needed, num_slots) / num_slots
     return {f"{prefix}{k}": v for k, v in out.items()}
