@@ -226,3 +226,25 @@ def test_offline_restore_names_a_damaged_chunk(saved, tmp_path):
     (path / "memory.zarr" / "values" / "usage_count" / "c" / "2").unlink()
     result = memray_here("restore", path, "--out", tmp_path / "r", "--world-size", "2")
     assert_one_line_error(result, "'values/usage_count' chunk 2 is missing")
+
+
+def test_a_failed_background_save_commits_nothing_and_keeps_its_cause(tmp_path, monkeypatch):
+    """A save whose files fail (here: no space left) raises from finish() with the original
+    exception and its traceback as the cause, and leaves no committed checkpoint."""
+    import errno
+
+    from memray.checkpoint import sharded
+    from memray.model import ValueTable
+
+    def disk_full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sharded, "write_chunks", disk_full)
+    table = ValueTable(64, 8)
+    pools = {"values": (table.shard, {"weight": table.weight.detach()})}
+    pending = sharded.start_sharded_checkpoint(tmp_path, 1, {}, "name: t\n", pools, background=True)
+    with pytest.raises(RuntimeError, match="step 1 was not saved: OSError") as info:
+        pending.finish()
+    cause = info.value.__cause__
+    assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC and cause.__traceback__ is not None
+    assert not (tmp_path / "step-00000001").exists()

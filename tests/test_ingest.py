@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -135,6 +136,16 @@ def test_training_on_bpe_shards_saves_the_tokenizer_for_eval(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["total"] == len(facts)
+    # the tokenizer is part of the checkpoint: checksummed in COMMITTED, and a checkpoint that lost
+    # it is refused rather than decoded with bytes
+    assert "tokenizer.json" in json.loads((ckpt / "COMMITTED").read_text())["files"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ckpt, damaged)
+    (damaged / "tokenizer.json").unlink()
+    assert_one_line_error(memray_here("verify", damaged), "tokenizer.json is missing")
+    assert_one_line_error(
+        memray_here("eval", damaged, "--facts", tmp_path / "facts.jsonl"), "tokenizer.json is missing"
+    )
 
 
 _STREAM = """

@@ -113,7 +113,7 @@ class PendingCheckpoint:
             name: {"num_rows": s.num_rows, "dim": s.dim, "arrays": sorted(ts)} for name, (s, ts) in pools.items()
         }
         self.attrs, self.keep_last, self.group, self.rank = attrs, keep_last, group, rank
-        self._thread, self._result = None, {}
+        self._thread, self._result, self._error = None, {}, None
 
     def start(self, jobs, dense, background: bool, extra_files: dict[str, Path] | None = None) -> None:
         def work():
@@ -130,7 +130,8 @@ class PendingCheckpoint:
                         )
                         files[OPTIMIZER] = _sha256(self.tmp / OPTIMIZER)
                 self._result = {"chunks": write_chunks(self.tmp / STORE, jobs), "files": files}
-            except Exception as exc:  # reported collectively by finish()
+            except Exception as exc:  # raised by finish(), with its traceback, once every rank knows
+                self._error = exc
                 self._result = {"error": f"{type(exc).__name__}: {exc}"}
 
         if background:
@@ -146,9 +147,14 @@ class PendingCheckpoint:
         if self._thread is not None:
             self._thread.join()
         parts = collectives.gather_objects(self._result, self.group)
-        errors = [p["error"] for p in parts if "error" in p]
+        errors = [(rank, p["error"]) for rank, p in enumerate(parts) if "error" in p]
         if errors:
-            raise RuntimeError(f"checkpoint step {self.step} was not saved: {errors[0]}")
+            # nothing is committed; the rank that failed raises its own exception (its traceback
+            # shows where the files failed), the others say which rank it was
+            message = f"checkpoint step {self.step} was not saved"
+            if self._error is not None:
+                raise RuntimeError(f"{message}: {errors[0][1]}") from self._error
+            raise RuntimeError(f"{message}: rank {errors[0][0]}: {errors[0][1]}")
         final = self.root / checkpoint_name(self.step)
         if self.rank == 0:
             store = zarr.open_group(str(self.tmp / STORE), mode="a")

@@ -77,14 +77,31 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _not_found(exc: RuntimeError) -> bool:
+    """The Jobs SDK's way of saying a job id is unknown (it raises RuntimeError for every failure)."""
+    text = str(exc)
+    return "404" in text or "does not exist" in text
+
+
 def _call(what: str, job_id: str | None, fn, *args):
     try:
         return fn(*args)
     except RuntimeError as exc:
-        text = str(exc)
-        if job_id is not None and ("404" in text or "does not exist" in text):
+        if job_id is not None and _not_found(exc):
             raise InputError(f"no job '{job_id}' on this cluster") from None
         raise InputError(f"{what} failed: {_first_line(exc)}") from None
+
+
+def _exists(jobs, job_id: str) -> bool:
+    """Whether the cluster has a job ``job_id``; any failure other than "unknown id" (a refused
+    token, a server error) is an error, not a reason to submit again."""
+    try:
+        jobs.get_job_info(job_id)
+        return True
+    except RuntimeError as exc:
+        if _not_found(exc):
+            return False
+        raise InputError(f"reading job '{job_id}' failed: {_first_line(exc)}") from None
 
 
 def submit(
@@ -99,12 +116,8 @@ def submit(
     """Submit a training job; (client, submission id, whether it was newly submitted). An id
     that already exists is not submitted again."""
     jobs = client(address, insecure)
-    if submission_id is not None:
-        try:
-            jobs.get_job_info(submission_id)
-            return jobs, submission_id, False
-        except RuntimeError:
-            pass
+    if submission_id is not None and _exists(jobs, submission_id):
+        return jobs, submission_id, False
     with tempfile.TemporaryDirectory(prefix="memray-job-") as directory:
         (Path(directory) / "config.yaml").write_text(config_yaml)
         shutil.copyfile(_entrypoints() / "train.py", Path(directory) / "train.py")
