@@ -35,6 +35,7 @@ later replace a whole gather-compute-scatter there.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from itertools import chain
 
 import torch
@@ -66,7 +67,7 @@ class _Workspace:
         return block[:numel].view(shape)
 
 
-class RowSparseOptimizer(torch.optim.Optimizer):
+class RowSparseOptimizer(torch.optim.Optimizer, ABC):
     """Base of the row-sparse optimizers: parameters are 2-D tables with sparse COO gradients.
 
     Subclasses implement ``_init_state`` and ``_step_rows``; this class turns each gradient into
@@ -174,10 +175,12 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     def _init_state(self, group: dict, table: torch.Tensor, state: dict) -> None:
         pass
 
+    @abstractmethod
     def _step_rows(
         self, group: dict, table: torch.Tensor, state: dict, rows: torch.Tensor, rows_grad: torch.Tensor
     ) -> None:
-        raise NotImplementedError
+        """Apply the rule to ``rows`` (unique, increasing) of ``table`` with their fp32 gradients
+        ``rows_grad`` [U, D], updating ``state`` in place."""
 
     # -- checkpoints ------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
