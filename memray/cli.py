@@ -62,7 +62,8 @@ def main(ctx, debug):
 @click.option(
     "--resume",
     type=click.Path(),
-    help="Continue from a checkpoint (or a run directory's newest), saved on any number of processes.",
+    help="Start from a checkpoint (or a run directory's newest), saved on any number of processes. "
+    "A --run-dir that already holds a committed checkpoint always continues from its own newest.",
 )
 def train(config, overrides, run_dir, no_progress, workers, address, resume):
     """Train a model from CONFIG: a bundled config name or a YAML file.
@@ -76,6 +77,7 @@ def train(config, overrides, run_dir, no_progress, workers, address, resume):
       memray train tiny --set distributed.launcher=processes              # local processes, no Ray
     """
     from memray.train import Trainer, load_run_config, train_local
+    from memray.train.launch_local import check_launch
     from memray.train.rundir import resolve_run_dir
 
     if workers is not None:
@@ -85,14 +87,15 @@ def train(config, overrides, run_dir, no_progress, workers, address, resume):
     d = run_config.distributed
     if address and (d.workers < 1 or d.launcher != "ray"):
         raise UsageError("--address needs Ray Train workers (--workers >= 1, distributed.launcher: ray)")
+    run_dir = resolve_run_dir(run_config, run_dir)
     if d.workers >= 1 and d.launcher == "ray":
         from memray.launch.ray_train import train_on_ray
 
-        run_dir = resolve_run_dir(run_config, run_dir)
         result = train_on_ray(run_config, run_dir, progress, resume, address=address)
     elif d.workers >= 1:
         result = train_local(run_config, run_dir, progress, resume)
     else:
+        resume = check_launch(run_config, resume, run_dir)
         trainer = Trainer(run_config, run_dir=run_dir, progress=progress)
         if resume:
             trainer.resume(resume)

@@ -6,7 +6,7 @@ tests/test_ray.py resumes and restarts through Ray against the same run."""
 import shutil
 
 import pytest
-from helpers import assert_one_line_error, losses, memray, sets, train_tiny
+from helpers import assert_one_line_error, losses, memray, memray_here, sets, train_tiny
 
 from memray.train import Trainer, load_run_config
 
@@ -21,6 +21,15 @@ def test_single_process_resume_is_exact(tmp_path):
     assert resumed.step == 10 and resumed.tokens == 10 * 8 * 64
     resumed.fit()
     assert losses(tmp_path / "b") == losses(tmp_path / "a")[10:]
+    # the rerun rule for one process: training again into a run directory continues its newest
+    # committed checkpoint (an uncommitted newer one is ignored)
+    rerun = tmp_path / "c" / "checkpoints"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000010", rerun / "step-00000010")
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000020", rerun / "step-00000020")
+    (rerun / "step-00000020" / "COMMITTED").unlink()
+    result = memray_here("train", "tiny", "--workers", 0, *sets(*overrides), "--run-dir", tmp_path / "c")
+    assert result.returncode == 0, result.stderr
+    assert losses(tmp_path / "c") == losses(tmp_path / "a")[10:]
 
 
 @pytest.mark.parametrize("workers,tolerance", [(2, 0.0), (3, 1e-4), (1, 1e-4)])
@@ -35,6 +44,18 @@ def test_resume_on_any_world_size(two_rank_run, workers, tolerance, tmp_path):
     resumed, uninterrupted = losses(tmp_path / "r"), losses(two_rank_run)[10:]
     assert len(resumed) == 20
     assert max(abs(a - b) for a, b in zip(resumed, uninterrupted)) <= tolerance
+
+
+def test_a_rerun_continues_its_run_directory(two_rank_run, tmp_path):
+    """The rerun rule of every launcher (Ray's is in tests/test_ray.py): a run directory that
+    holds committed checkpoints continues from its newest, also when ``--resume`` names another
+    (that is where the run directory started: the same command run again must continue)."""
+    ckpts = two_rank_run / "checkpoints"
+    shutil.copytree(ckpts / "step-00000010", tmp_path / "r" / "checkpoints" / "step-00000010")
+    result = train_tiny(tmp_path / "r", "--resume", ckpts / "step-00000020")
+    assert result.returncode == 0, result.stderr
+    assert losses(tmp_path / "r") == losses(two_rank_run)[10:]
+    assert "continuing from" in (tmp_path / "r" / "log.txt").read_text()
 
 
 def test_resume_refuses_damage_and_zero3(two_rank_run, tmp_path):

@@ -121,7 +121,7 @@ def train_on_ray(
     from memray.train.launch_local import check_launch
 
     d = config.distributed
-    resume = check_launch(config, resume)
+    resume = check_launch(config, resume, run_dir)
     config = config.with_absolute_paths()  # Ray workers do not start in this directory
     run_dir = Path(run_dir).resolve()
     backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")

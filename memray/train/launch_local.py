@@ -10,17 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import RunConfig
-from .rundir import resolve_run_dir
+from .rundir import CHECKPOINTS, resolve_run_dir
 from .trainer import Trainer
 
 
-def check_launch(config: RunConfig, resume: str | Path | None) -> str | None:
+def check_launch(config: RunConfig, resume: str | Path | None, run_dir: str | Path) -> str | None:
     """Refuse, in one line and before any process starts, a run its ranks could not do: a world
     size that leaves a rank without rows, a resume into a stage that cannot load, a missing or
-    uncommitted checkpoint. Returns the checkpoint to resume from, absolute (or None)."""
-    from memray.checkpoint import find_checkpoint
+    uncommitted checkpoint. Returns the checkpoint to start from, absolute (or None).
+
+    The rerun rule, the same for every launcher: a run directory that already holds a committed
+    checkpoint continues from its newest one (``resume`` only says where a *new* run directory
+    starts from), so running a command again after a crash, a stop or a lost driver continues
+    the run instead of training it again over its own checkpoints."""
+    from memray.checkpoint import committed_checkpoints, find_checkpoint
 
     config.check_world()
+    own = committed_checkpoints(Path(run_dir) / CHECKPOINTS)
+    if own:
+        resume = own[-1]
     if not resume:
         return None
     config.distributed.check_resumable()
@@ -56,6 +64,6 @@ def train_local(
     """Train on ``config.distributed.workers`` local processes; rank 0's result."""
     from memray.distributed import spawn
 
-    resume = check_launch(config, resume)
     run_dir = str(resolve_run_dir(config, run_dir))
+    resume = check_launch(config, resume, run_dir)
     return spawn(train_worker, config.distributed.workers, config, run_dir, progress, resume)[0]

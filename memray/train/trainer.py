@@ -100,6 +100,7 @@ class Trainer:
         # the Ray launcher reports checkpoints to Ray Train through it
         self.on_checkpoint = None
         self._last_metrics: dict = {}
+        self.resumed_from: Path | None = None  # the checkpoint ``resume`` loaded
         self.run = RunDirectory(self.run_dir, writer=self.rank == 0, echo=not self.progress)
         self.checkpointer = Checkpointer(
             self.run.checkpoints,
@@ -149,6 +150,7 @@ class Trainer:
             self.config.distributed.check_resumable()
         self.model.eval()  # the engine's state-creating idle steps must not count usage
         ckpt, attrs = self.checkpointer.load(path)
+        self.resumed_from = ckpt
         self.step, self.tokens = attrs["step"], attrs["tokens"]
         self.batches.position = Position(**attrs["data_position"])
         self.metrics.reset_usage()
@@ -211,6 +213,8 @@ class Trainer:
             )
             sizes = f"{params['dense']:,} dense + {params['memory']:,} memory parameters"
             run.log(f"run {c.name} in {self.run_dir}{where}: {sizes}")
+            if self.resumed_from is not None:
+                run.log(f"continuing from {self.resumed_from} (step {self.step})")
             num_tokens = c.train.batch_size * c.data.seq_len  # the global batch
             self.model.train()
             self.metrics.reset_window()
