@@ -212,7 +212,7 @@ def ingest(sources, out, fmt, text_column, shard_tokens, workers, strict, tokeni
 
     map_files = None
     if on_ray:
-        from memray.launch.ingest_ray import map_files
+        from memray.launch.tasks import map_files
     manifest = run_ingest(
         list(sources),
         out,
@@ -323,11 +323,19 @@ def export(checkpoint, fmt, out):  # noqa: ARG001 - safetensors is the one forma
 @click.argument("checkpoint", type=click.Path())
 @click.option("--n-keys", type=int, required=True, help="Keys per half after growing (slots: n_keys²).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory for the grown checkpoint.")
-def grow(checkpoint, n_keys, out):
+@click.option(
+    "--ray",
+    "on_ray",
+    is_flag=True,
+    help="Grow the pools as Ray tasks (on the cluster RAY_ADDRESS names, else an embedded "
+    "local Ray); OUT must be shared storage.",
+)
+def grow(checkpoint, n_keys, out, on_ray):
     """Enlarge the product-key grid of CHECKPOINT's memory, keeping every learned slot.
 
     Slot (i, j) moves to i·M + j; new sub-keys and value rows start at zero so they do not
-    disturb old lookups. Continue training with --resume OUT.
+    disturb old lookups. The pools are grown chunk by chunk (a few chunks in memory at a
+    time), on a few threads or as Ray tasks. Continue training with --resume OUT.
 
     \b
     Example:
@@ -336,7 +344,10 @@ def grow(checkpoint, n_keys, out):
     """
     from memray.train.grow import grow_checkpoint
 
-    path = grow_checkpoint(checkpoint, n_keys, out)
+    map_files = None
+    if on_ray:
+        from memray.launch.tasks import map_files
+    path = grow_checkpoint(checkpoint, n_keys, out, map_files=map_files)
     click.echo(f"{path}: n_keys {n_keys} ({n_keys * n_keys:,} slots)")
 
 

@@ -1,6 +1,7 @@
 """Ray orchestration, each path as a user takes it (a `memray` process): a worker killed mid-run on
 the embedded local Ray that `memray train` starts, then one local head (`memray cluster up`)
-shared by the Jobs API, ingestion as Ray tasks and `memray cluster down`, and bad addresses.
+shared by the Jobs API, ingestion and grow as Ray tasks and `memray cluster down`, and bad
+addresses.
 Every Ray instance is stopped by what started it: the embedded one by its `memray train`
 process, the head by `memray cluster down` (its own process group)."""
 
@@ -160,6 +161,21 @@ def test_ingest_as_ray_tasks_writes_the_local_shards(head, tmp_path):
     # a malformed record found by a task comes back as the one-line input error, not a Ray traceback
     strict = memray("ingest", *sources, "--out", tmp_path / "strict", "--ray", "--strict", env=env)
     assert_one_line_error(strict, "jsonl:51: not JSON")
+
+
+def test_grow_as_ray_tasks_writes_the_local_grow(head, tmp_path):
+    """``memray grow --ray``: the pools' chunk jobs run as Ray tasks and write exactly the chunks
+    a local grow writes."""
+    from memray.checkpoint import read_manifest
+    from memray.train import Trainer
+
+    Trainer(load_run_config("tiny", ["train.steps=2"]), run_dir=tmp_path / "run", progress=False).fit()
+    env = {**head.env, "RAY_ADDRESS": head.gcs}
+    for out, flags in (("local", []), ("ray", ["--ray"])):
+        result = memray("grow", tmp_path / "run", "--n-keys", 21, "--out", tmp_path / out, *flags, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    local, on_ray = (read_manifest(tmp_path / out)[1]["chunks"] for out in ("local", "ray"))
+    assert on_ray == local and len(local) >= 3
 
 
 def test_cluster_down_stops_the_head(head):

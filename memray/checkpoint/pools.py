@@ -98,16 +98,61 @@ def _with_next_rows(rows: torch.Tensor, ranges, chunk_rows: int, rank: int, grou
     return torch.cat([rows[head:], recv.view(-1, *rows.shape[1:])])
 
 
-def prepare_pool(
-    store: Path, name: str, tensors: dict[str, torch.Tensor], shard: TableShard, group=None, snapshot: bool = False
-) -> list[tuple[str, int, int, int, np.ndarray]]:
-    """The collective half of writing this rank's part of pool ``name`` (``tensors``: key -> this
-    rank's part, as ``shard`` describes it): array metadata (rank 0), the rows exchanged so this
-    rank holds whole chunks. Returns (array path, first chunk, chunk rows, array ndim, rows
-    as little-endian numpy) per array, for :func:`write_chunks`; with ``snapshot`` the rows are
-    copies, so training may change the tensors while the chunks are written."""
+def create_array(store: Path, array_path: str, shape, chunk_rows: int, dtype: np.dtype, dtype_name: str) -> None:
+    """The Zarr metadata of an array memray writes: chunked by rows, raw little-endian chunks."""
     import zarr
 
+    array = zarr.open_group(str(store), mode="a").create_array(
+        array_path,
+        shape=tuple(shape),
+        chunks=(chunk_rows, *shape[1:]),
+        dtype=dtype,
+        compressors=None,
+        fill_value=0,
+        overwrite=True,
+    )
+    array.attrs["memray_dtype"] = dtype_name
+
+
+def array_info(store: Path, array_path: str) -> tuple[list[int], int, np.dtype, str]:
+    """(shape, rows per chunk, little-endian numpy dtype, memray dtype name) of an array memray
+    wrote; InputError for one it cannot read."""
+    try:
+        meta = json.loads((store / array_path / "zarr.json").read_text())
+        shape, chunk_rows = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        memray_dtype = meta.get("attributes", {}).get("memray_dtype", meta["data_type"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise InputError(f"checkpoint {store.parent}: array '{array_path}' cannot be opened ({exc})") from None
+    if meta.get("codecs") != [{"name": "bytes", "configuration": {"endian": "little"}}]:
+        raise InputError(
+            f"checkpoint {store.parent}: array '{array_path}' has codecs {meta.get('codecs')}, "
+            "not the raw little-endian chunks memray writes"
+        )
+    return shape, chunk_rows, dtype, memray_dtype
+
+
+def write_chunk(store: Path, array_path: str, chunk: int, chunk_rows: int, block: np.ndarray) -> tuple[str, str]:
+    """Chunk ``chunk`` of an array from ``block`` (its rows, little-endian; a short last block is
+    padded to a whole chunk): (path relative to the store, SHA-256)."""
+    if block.shape[0] < chunk_rows:
+        block = np.concatenate([block, np.zeros((chunk_rows - block.shape[0], *block.shape[1:]), block.dtype)])
+    raw = memoryview(np.ascontiguousarray(block)).cast("B")  # no copy for whole chunks
+    path = _chunk_path(store / array_path, chunk, block.ndim)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(raw)
+    return str(path.relative_to(store)), hashlib.sha256(raw).hexdigest()
+
+
+def prepare_pool(
+    store: Path, name: str, tensors: dict[str, torch.Tensor], shard: TableShard, group=None, snapshot: bool = False
+) -> list[tuple[str, int, int, np.ndarray]]:
+    """The collective half of writing this rank's part of pool ``name`` (``tensors``: key -> this
+    rank's part, as ``shard`` describes it): array metadata (rank 0), the rows exchanged so this
+    rank holds whole chunks. Returns (array path, first chunk, chunk rows, rows
+    as little-endian numpy) per array, for :func:`write_chunks`; with ``snapshot`` the rows are
+    copies, so training may change the tensors while the chunks are written."""
     world, rank, num_rows = shard.world, shard.rank, shard.num_rows
     ranges = balanced_ranges(num_rows, world)
     my_start, _ = ranges[rank]
@@ -121,16 +166,7 @@ def prepare_pool(
         chunk_rows = min(chunk_rows_for(num_rows, row_bytes), num_rows // world)
         sample, dtype_name = _to_numpy(rows[:0])
         if rank == 0:
-            array = zarr.open_group(str(store), mode="a").create_array(
-                array_path,
-                shape=shape,
-                chunks=(chunk_rows, *shape[1:]),
-                dtype=sample.dtype,
-                compressors=None,
-                fill_value=0,
-                overwrite=True,
-            )
-            array.attrs["memray_dtype"] = dtype_name
+            create_array(store, array_path, shape, chunk_rows, sample.dtype, dtype_name)
         if world > 1:
             collectives.barrier(group)
             rows = _with_next_rows(rows, ranges, chunk_rows, rank, group)  # a new tensor
@@ -144,7 +180,6 @@ def prepare_pool(
                 array_path,
                 -(-my_start // chunk_rows),
                 chunk_rows,
-                len(shape),
                 data.astype(data.dtype.newbyteorder("<"), copy=False),
             )
         )
@@ -156,21 +191,14 @@ def write_chunks(store: Path, jobs) -> dict[str, str]:
     is little-endian ``bytes``, so a chunk file is the chunk's raw bytes, the last one padded to
     a whole chunk) and hashed from the same buffers. Thread-safe; needs no process group."""
     written = {}
-    for array_path, first_chunk, chunk_rows, ndim, data in jobs:
+    for array_path, first_chunk, chunk_rows, data in jobs:
         begin = first_chunk * chunk_rows
 
-        def write_chunk(chunk: int) -> tuple[str, str]:
+        def write_one(chunk: int, array_path=array_path, chunk_rows=chunk_rows, begin=begin, data=data):
             block = data[chunk * chunk_rows - begin : (chunk + 1) * chunk_rows - begin]
-            if block.shape[0] < chunk_rows:
-                block = np.concatenate([block, np.zeros((chunk_rows - block.shape[0], *block.shape[1:]), block.dtype)])
-            raw = memoryview(np.ascontiguousarray(block)).cast("B")  # no copy for whole chunks
-            path = _chunk_path(store / array_path, chunk, ndim)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as handle:
-                handle.write(raw)
-            return str(path.relative_to(store)), hashlib.sha256(raw).hexdigest()
+            return write_chunk(store, array_path, chunk, chunk_rows, block)
 
-        written.update(_in_threads(write_chunk, range(first_chunk, -(-(begin + data.shape[0]) // chunk_rows))))
+        written.update(_in_threads(write_one, range(first_chunk, -(-(begin + data.shape[0]) // chunk_rows))))
     return written
 
 
@@ -201,18 +229,7 @@ def read_rows(
     """Rows ``[a, b)`` (and columns ``[c, d)`` of a 2-D array) of ``<name>/<key>``: each chunk
     holding them is read once, checked against its SHA-256 and copied out."""
     array_path = f"{name}/{key}"
-    try:
-        meta = json.loads((store / array_path / "zarr.json").read_text())
-        shape, chunk_rows = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"][0]
-        dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        memray_dtype = meta.get("attributes", {}).get("memray_dtype", meta["data_type"])
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise InputError(f"checkpoint {store.parent}: array '{array_path}' cannot be opened ({exc})") from None
-    if meta.get("codecs") != [{"name": "bytes", "configuration": {"endian": "little"}}]:
-        raise InputError(
-            f"checkpoint {store.parent}: array '{array_path}' has codecs {meta.get('codecs')}, "
-            "not the raw little-endian chunks memray writes"
-        )
+    shape, chunk_rows, dtype, memray_dtype = array_info(store, array_path)
     whole_rows = len(shape) == 1 or cols is None or tuple(cols) == (0, shape[1])
     index = (slice(None),) if whole_rows else (slice(None), slice(*cols))
     width = shape[1:] if len(index) == 1 else [cols[1] - cols[0]]
@@ -248,3 +265,31 @@ def read_rows(
 
     _in_threads(read_chunk, range(rows[0] // chunk_rows, -(-rows[1] // chunk_rows)))
     return _from_numpy(out, memray_dtype)
+
+
+class RowReader:
+    """Rows of one array read in increasing order, a chunk at a time (each chunk checked against
+    its checksum as it is read), keeping only the chunk last read: a pass over an array of any
+    size holds one chunk of it."""
+
+    def __init__(self, store: Path, name: str, key: str, checksums: dict[str, str]):
+        self.store, self.name, self.key, self.checksums = Path(store), name, key, checksums
+        self.shape, self.chunk_rows, self.dtype, self.dtype_name = array_info(self.store, f"{name}/{key}")
+        self._chunk, self._rows = -1, None
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as little-endian numpy (bf16 as uint16)."""
+        parts, size = [], self.chunk_rows
+        while start < stop:
+            chunk = start // size
+            if chunk != self._chunk:
+                span = (chunk * size, min(self.shape[0], (chunk + 1) * size))
+                self._rows = _to_numpy(read_rows(self.store, self.name, self.key, span, None, self.checksums))[0]
+                self._chunk = chunk
+            end = min(stop, (chunk + 1) * size)
+            parts.append(self._rows[start - chunk * size : end - chunk * size])
+            start = end
+        if not parts:
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return data.astype(self.dtype, copy=False)

@@ -9,6 +9,7 @@ step, the saving world size and layout and each pool's shape, so a reader needs 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import threading
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memray.distributed import collectives
-from memray.errors import InputError
+from memray.errors import InputError, UserError
 
 from . import (
     WEIGHTS,
@@ -99,23 +100,29 @@ def start_sharded_checkpoint(
             {k: v.detach().clone() if background else v for k, v in d.items()} if d is not None else None
             for d in (dense_state or {}, dense_optimizer)
         ]
-    pending = PendingCheckpoint(root, tmp, step, config_yaml, pools, attrs or {}, keep_last, group, rank)
-    pending.start(jobs, dense, background, extra_files if rank == 0 else None)
+    shapes = {name: {"num_rows": s.num_rows, "dim": s.dim, "arrays": sorted(ts)} for name, (s, ts) in pools.items()}
+    pending = PendingCheckpoint(root, tmp, step, config_yaml, shapes, attrs or {}, keep_last, group, rank)
+    extra_files = extra_files if rank == 0 else None
+    pending.start(functools.partial(write_chunks, tmp / STORE, jobs), dense, background, extra_files)
     return pending
 
 
 class PendingCheckpoint:
     """A save whose files are being (or have been) written; ``finish()`` commits it."""
 
-    def __init__(self, root, tmp, step, config_yaml, pools, attrs, keep_last, group, rank):
+    def __init__(self, root, tmp, step, config_yaml, shapes, attrs, keep_last, group, rank):
+        """``shapes``: pool name -> {"num_rows", "dim", "arrays": [array keys]} (the group's
+        ``pools`` attribute)."""
         self.root, self.tmp, self.step, self.config_yaml = Path(root), tmp, step, config_yaml
-        self.shapes = {
-            name: {"num_rows": s.num_rows, "dim": s.dim, "arrays": sorted(ts)} for name, (s, ts) in pools.items()
-        }
+        self.shapes = shapes
         self.attrs, self.keep_last, self.group, self.rank = attrs, keep_last, group, rank
         self._thread, self._result, self._error = None, {}, None
 
-    def start(self, jobs, dense, background: bool, extra_files: dict[str, Path] | None = None) -> None:
+    def start(self, write_pools, dense, background: bool, extra_files: dict[str, Path] | None = None) -> None:
+        """Write this rank's files: ``write_pools()`` writes its chunks and returns their
+        checksums; ``dense`` (rank 0: [weights, optimizer tensors or None]) and ``extra_files``
+        (rank 0) beside them."""
+
         def work():
             try:
                 files = {}
@@ -129,7 +136,7 @@ class PendingCheckpoint:
                             {k: v.detach().contiguous().cpu() for k, v in dense[1].items()}, str(self.tmp / OPTIMIZER)
                         )
                         files[OPTIMIZER] = _sha256(self.tmp / OPTIMIZER)
-                self._result = {"chunks": write_chunks(self.tmp / STORE, jobs), "files": files}
+                self._result = {"chunks": write_pools(), "files": files}
             except Exception as exc:  # raised by finish(), with its traceback, once every rank knows
                 self._error = exc
                 self._result = {"error": f"{type(exc).__name__}: {exc}"}
@@ -152,6 +159,8 @@ class PendingCheckpoint:
             # nothing is committed; the rank that failed raises its own exception (its traceback
             # shows where the files failed), the others say which rank it was
             message = f"checkpoint step {self.step} was not saved"
+            if isinstance(self._error, UserError):  # e.g. a damaged chunk read while saving
+                raise self._error
             if self._error is not None:
                 raise RuntimeError(f"{message}: {errors[0][1]}") from self._error
             raise RuntimeError(f"{message}: rank {errors[0][0]}: {errors[0][1]}")

@@ -206,7 +206,7 @@ def ingest(
     ``tokenizer``: ``byte``, ``bpe`` (train one of ``vocab_size`` ids on the sources) or
     ``bpe:PATH`` (use the ``tokenizers`` JSON file at PATH). ``map_files(fn, jobs)`` runs
     ``fn(*job)`` for every file and returns the results in order (default: a local process pool
-    of ``workers``; ``memray.launch.ingest_ray.map_files`` runs them as Ray tasks)."""
+    of ``workers``; ``memray.launch.tasks.map_files`` runs them as Ray tasks)."""
     out = Path(out).resolve()
     paths = [Path(s) for s in sources]
     for path in paths:

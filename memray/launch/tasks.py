@@ -1,8 +1,10 @@
-"""Ingestion on a Ray cluster: one Ray task per source file (``memray ingest --ray``).
+"""Offline jobs as Ray tasks: ``memray ingest --ray`` (one task per source file, running
+:func:`memray.data.ingest.ingest_file`) and ``memray grow --ray`` (one task per run of grown
+chunks, :func:`memray.train.grow.grow_chunks`).
 
-Each task runs :func:`memray.data.ingest.ingest_file` where Ray places it and writes its shards
-straight into the output directory, which must be on storage every node shares; the driver then
-writes the manifest as a local ingestion does.
+Each task writes its files straight into the output directory where Ray places it, so that
+directory must be on storage every node shares; the driver then writes the manifest (or commits
+the checkpoint) as a local run does.
 """
 
 from __future__ import annotations
