@@ -146,6 +146,11 @@ def test_training_on_bpe_shards_saves_the_tokenizer_for_eval(tmp_path):
     assert_one_line_error(
         memray_here("eval", damaged, "--facts", tmp_path / "facts.jsonl"), "tokenizer.json is missing"
     )
+    # a grown checkpoint keeps it too
+    assert memray_here("grow", ckpt, "--n-keys", 17, "--out", tmp_path / "big").returncode == 0
+    grown = next((tmp_path / "big" / "checkpoints").iterdir())
+    assert "tokenizer.json" in json.loads((grown / "COMMITTED").read_text())["files"]
+    assert isinstance(saved_tokenizer(grown), BPETokenizer)
 
 
 _STREAM = """
