@@ -42,6 +42,17 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def zero3_run(tmp_path_factory):
+    """The two-rank reference at ZeRO-3 (dense weights and Adam moments partitioned)."""
+    from helpers import sets, train_tiny
+
+    run = tmp_path_factory.mktemp("zero3") / "run"
+    result = train_tiny(run, *sets("train.checkpoint_every=10", "train.keep_last=0", "distributed.zero_stage=3"))
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+@pytest.fixture(scope="session")
 def two_rank_run(tmp_path_factory):
     """The tiny model on 2 local processes at ZeRO-2 for 30 steps, a checkpoint every 10: what
     resumes, restarts and background saves must reproduce."""

@@ -52,19 +52,20 @@ def test_bad_addresses_are_one_line_within_seconds(tmp_path):
         assert_one_line_error(result, needle)
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint(two_rank_run, tmp_path):
-    """`memray train` on 2 Ray Train workers of an embedded local Ray continues the reference's
-    step-10 checkpoint, reading its facts through a relative path (Ray workers start elsewhere).
-    One worker is SIGKILLed once the step-15 checkpoint is committed: Ray Train restarts the
-    group from it, and the last logged loss of every step equals the uninterrupted run's."""
+def test_a_killed_worker_restarts_from_the_last_checkpoint(zero3_run, tmp_path):
+    """`memray train` on 2 Ray Train workers of an embedded local Ray at ZeRO-3 continues the
+    ZeRO-3 reference's step-10 checkpoint, reading its facts through a relative path (Ray workers
+    start elsewhere). One worker is SIGKILLed once the step-15 checkpoint is committed: Ray Train
+    restarts the group from it, and the last logged loss of every step equals the uninterrupted
+    run's."""
     from memray.data import generate_facts, write_facts
 
     source = load_run_config("tiny").data  # the same facts as the reference's synthetic source
     write_facts(tmp_path / "facts.jsonl", generate_facts(source.num_entities, source.num_attributes, source.seed))
     run = tmp_path / "run"
-    restart = sets("distributed.zero_stage=2", "distributed.max_failures=1", "train.steps=30", "train.log_every=1")
+    restart = sets("distributed.zero_stage=3", "distributed.max_failures=1", "train.steps=30", "train.log_every=1")
     data = sets("train.checkpoint_every=5", "train.keep_last=0", "data.source=facts", "data.path=facts.jsonl")
-    resume = ["--resume", str(two_rank_run / "checkpoints" / "step-00000010")]
+    resume = ["--resume", str(zero3_run / "checkpoints" / "step-00000010")]
     command = [sys.executable, "-m", "memray.cli", "train", "tiny", "--workers", "2", "--run-dir", "run"]
     command += ["--no-progress", *restart, *data, *resume]
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
@@ -85,7 +86,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(two_rank_run, tmp_pat
     assert json.loads((tmp_path / "out.txt").read_text().strip().splitlines()[-1])["step"] == 30
     assert int(pid_file.read_text()) != victim  # a new worker group ran
     final = {m["step"]: m["loss"] for m in read_metrics(run)}  # the last line of each step: after the restart
-    reference = {m["step"]: m["loss"] for m in read_metrics(two_rank_run)}
+    reference = {m["step"]: m["loss"] for m in read_metrics(zero3_run)}
     assert sorted(final) == list(range(11, 31))
     assert final == {step: reference[step] for step in final}  # weights, optimizer state, data position
 

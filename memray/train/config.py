@@ -69,21 +69,8 @@ class DistributedConfig:
             raise ConfigError("max_failures", f"must be >= 0, got {self.max_failures}")
         if self.max_failures and self.launcher != "ray":
             raise ConfigError("max_failures", "restarts need launcher: ray")
-        if self.max_failures:
-            self.check_resumable("max_failures")  # a restart resumes from a checkpoint
         if self.cpus_per_worker <= 0:
             raise ConfigError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-
-    def check_resumable(self, key: str = "distributed.zero_stage") -> None:
-        """A run resuming from a checkpoint must use a ZeRO stage whose restore is exact: restoring
-        Adam moments into ZeRO-3 partitions is not, yet. Checkpoints do not depend on the stage
-        that wrote them, so a ZeRO-3 run's checkpoint resumes at stage 0-2."""
-        if self.workers >= 1 and self.zero_stage == 3:
-            raise ConfigError(
-                key,
-                "resuming into ZeRO-3 is not supported yet: resume with zero_stage 0, 1 or 2 "
-                "(checkpoints do not depend on the stage that wrote them)",
-            )
 
 
 @dataclass(kw_only=True)

@@ -178,8 +178,24 @@ def full_adam_moments(engine) -> dict[str, torch.Tensor]:
 
 
 def _has_state(engine) -> bool:
+    """Whether the dense optimizer has stepped. Asked of the state itself: ZeRO-3 hands the base
+    optimizer its flat fp32 partitions only for the length of a step (its ``param_groups`` are
+    empty in between), so looking the groups' parameters up finds nothing."""
     base = engine.optimizer.optimizer if engine.zero_optimization_stage() else engine.optimizer
-    return any(base.state.get(p) for group in base.param_groups for p in group["params"])
+    return any(bool(state) for state in base.state.values())
+
+
+def _local_partition(p, full: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a whole fp32 tensor of parameter ``p``: partitions are
+    equal slices of the flattened tensor padded to a multiple of the group size. (DeepSpeed
+    0.19.8's ``safe_set_full_*`` for ZeRO-3 slices the unpadded tensor, which fails on the last
+    rank when the size does not divide; the ``safe_set_local_*`` calls take the slice.)"""
+    from deepspeed import comm
+
+    size = p.ds_tensor.numel()
+    rank = comm.get_rank(group=p.ds_process_group)
+    flat = full.detach().float().flatten()[rank * size : (rank + 1) * size]
+    return torch.nn.functional.pad(flat, (0, size - flat.numel()))
 
 
 def _idle_step(engine, sample) -> None:
@@ -203,7 +219,12 @@ def restore(engine, weights: dict[str, torch.Tensor], moments: dict[str, torch.T
     fp32 master partitions (ZeRO) or the parameters (stage 0); a second idle step lets DeepSpeed
     copy the masters into the model's parameters; then the saved moments and step count replace
     what the idle steps made of them."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
 
     stage = engine.zero_optimization_stage()
     named = _named(engine)
@@ -211,16 +232,21 @@ def restore(engine, weights: dict[str, torch.Tensor], moments: dict[str, torch.T
     for name, p in named:
         if stage == 0:
             p.data.copy_(weights[name].to(p.dtype))
+        elif stage == 3:  # see _local_partition
+            safe_set_local_fp32_param(p, _local_partition(p, weights[name]))
         else:
             safe_set_full_fp32_param(p, weights[name].float())
     _idle_step(engine, sample)
     base = engine.optimizer.optimizer if stage else engine.optimizer
     for name, p in named:
         for key in ("exp_avg", "exp_avg_sq"):
+            value = moments[f"{key}.{name}"]
             if stage == 0:
-                base.state[p][key].copy_(moments[f"{key}.{name}"])
+                base.state[p][key].copy_(value)
+            elif stage == 3:
+                safe_set_local_optimizer_state(p, _local_partition(p, value), key)
             else:
-                safe_set_full_optimizer_state(p, moments[f"{key}.{name}"].float(), key)
+                safe_set_full_optimizer_state(p, value.float(), key)
     for state in base.state.values():
         if "step" in state:
             state["step"] = torch.tensor(float(step), dtype=torch.float32) if torch.is_tensor(state["step"]) else step

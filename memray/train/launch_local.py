@@ -16,8 +16,8 @@ from .trainer import Trainer
 
 def check_launch(config: RunConfig, resume: str | Path | None, run_dir: str | Path) -> str | None:
     """Refuse, in one line and before any process starts, a run its ranks could not do: a world
-    size that leaves a rank without rows, a resume into a stage that cannot load, a missing or
-    uncommitted checkpoint. Returns the checkpoint to start from, absolute (or None).
+    size that leaves a rank without rows, a missing or uncommitted checkpoint. Returns the
+    checkpoint to start from, absolute (or None).
 
     The rerun rule, the same for every launcher: a run directory that already holds a committed
     checkpoint continues from its newest one (``resume`` only says where a *new* run directory
@@ -31,7 +31,6 @@ def check_launch(config: RunConfig, resume: str | Path | None, run_dir: str | Pa
         resume = own[-1]
     if not resume:
         return None
-    config.distributed.check_resumable()
     return str(find_checkpoint(resume).resolve())
 
 

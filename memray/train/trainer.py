@@ -146,8 +146,6 @@ class Trainer:
     def resume(self, path: str | Path) -> Path:
         """Continue from a checkpoint of this run's model saved on any number of ranks and either
         layout (collective): weights, optimizer state, usage, step, tokens and data position."""
-        if self.context is not None:
-            self.config.distributed.check_resumable()
         self.model.eval()  # the engine's state-creating idle steps must not count usage
         ckpt, attrs = self.checkpointer.load(path)
         self.resumed_from = ckpt
