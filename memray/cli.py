@@ -12,16 +12,16 @@ import sys
 import click
 
 from memray.cli_ray import register as register_ray_commands
-from memray.errors import UsageError, UserError
+from memray.errors import ReportedError, RunFailed, UsageError, UserError
 
 
 class _Group(click.Group):
-    """Turns user errors into one line and exit code 2."""
+    """Turns user errors (exit code 2) and failed runs (exit code 1) into one line."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UserError as exc:
+        except ReportedError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"memray: error: {exc}", err=True)
@@ -88,19 +88,35 @@ def train(config, overrides, run_dir, no_progress, workers, address, resume):
     if address and (d.workers < 1 or d.launcher != "ray"):
         raise UsageError("--address needs Ray Train workers (--workers >= 1, distributed.launcher: ray)")
     run_dir = resolve_run_dir(run_config, run_dir)
-    if d.workers >= 1 and d.launcher == "ray":
-        from memray.launch.ray_train import train_on_ray
+    try:
+        if d.workers >= 1 and d.launcher == "ray":
+            from memray.launch.ray_train import train_on_ray
 
-        result = train_on_ray(run_config, run_dir, progress, resume, address=address)
-    elif d.workers >= 1:
-        result = train_local(run_config, run_dir, progress, resume)
-    else:
-        resume = check_launch(run_config, resume, run_dir)
-        trainer = Trainer(run_config, run_dir=run_dir, progress=progress)
-        if resume:
-            trainer.resume(resume)
-        result = trainer.fit()
+            result = train_on_ray(run_config, run_dir, progress, resume, address=address)
+        elif d.workers >= 1:
+            result = train_local(run_config, run_dir, progress, resume)
+        else:
+            resume = check_launch(run_config, resume, run_dir)
+            trainer = Trainer(run_config, run_dir=run_dir, progress=progress)
+            if resume:
+                trainer.resume(resume)
+            result = trainer.fit()
+    except RunFailed as exc:
+        raise _kept(exc, run_dir) from exc
     click.echo(json.dumps(result))
+
+
+def _kept(exc: RunFailed, run_dir) -> RunFailed:
+    """A failed run's one line, its tracebacks appended to ``RUN/failure.txt`` (named in the line)."""
+    from datetime import datetime
+    from pathlib import Path
+
+    if not exc.details or not Path(run_dir).is_dir():
+        return exc
+    path = Path(run_dir) / "failure.txt"
+    with path.open("a") as handle:
+        handle.write(f"{datetime.now().isoformat(timespec='seconds')} {exc}\n{exc.details}\n")
+    return RunFailed(f"{exc} (traceback in {path})", exc.details)
 
 
 @main.command(name="eval")

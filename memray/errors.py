@@ -1,10 +1,25 @@
-"""Errors a user can cause. The CLI reports them in one line and exits with code 2."""
+"""Errors the CLI reports in one line: the user's (exit code 2) and a failed run's (exit code 1)."""
 
 
-class UserError(Exception):
+class ReportedError(Exception):
+    """An error the CLI reports as one line, ``memray: error: <message>``, with ``exit_code``."""
+
+    exit_code = 1
+
+
+class UserError(ReportedError):
     """An error in something the user supplied: a config, an input file, a checkpoint, an address."""
 
     exit_code = 2
+
+
+class RunFailed(ReportedError):
+    """The run itself failed (a rank died or raised, a save failed): exit code 1. ``details``:
+    what the one line leaves out (tracebacks), kept by the CLI in the run directory."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
 
 
 class ConfigError(UserError, ValueError):

@@ -3,6 +3,7 @@ run directory."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +51,11 @@ def memray(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProces
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
-def train_tiny(run_dir, *args, workers=2) -> subprocess.CompletedProcess:
+def train_tiny(run_dir, *args, workers=2, env=None) -> subprocess.CompletedProcess:
     """``memray train tiny`` on local processes, trained as the two-rank reference is (ZeRO-2, 30
     steps, every step logged), into ``run_dir``; ``args``: more options (later ``--set`` win)."""
-    return memray("train", "tiny", "--workers", workers, *TWO_RANKS, "--run-dir", run_dir, "--no-progress", *args)
+    args = ("train", "tiny", "--workers", workers, *TWO_RANKS, "--run-dir", run_dir, "--no-progress", *args)
+    return memray(*args, env=env)
 
 
 def memray_here(*args) -> subprocess.CompletedProcess:
@@ -69,13 +71,20 @@ def memray_here(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit code 2 and one line on stderr naming every needle; no traceback."""
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
+    """Exit code ``code`` (2: a user's error, 1: a failed run) and one line on stderr naming every
+    needle; no traceback. (A failed run's own log lines may come before it, as they do on a
+    terminal without a progress bar.)"""
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == code, result.stderr
+    if code != 2:
+        lines = [line for line in lines if not _LOG_LINE.match(line)]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d ")  # RunDirectory.log's lines
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -11,7 +11,7 @@ from helpers import assert_one_line_error, memray_here
 from memray.checkpoint import pools as pool_store
 from memray.checkpoint.sharded import load_pool_shard, save_sharded_checkpoint, verify_checkpoint
 from memray.distributed import ShardedValueTable, balanced_ranges, collectives, init_distributed, spawn
-from memray.errors import InputError
+from memray.errors import InputError, RunFailed
 from memray.optim import LazyAdam
 
 ROWS, DIM, CHUNK_ROWS = 1001, 13, 7  # chunk boundaries fall inside both ranks' ranges
@@ -243,7 +243,7 @@ def test_a_failed_background_save_commits_nothing_and_keeps_its_cause(tmp_path, 
     table = ValueTable(64, 8)
     pools = {"values": (table.shard, {"weight": table.weight.detach()})}
     pending = sharded.start_sharded_checkpoint(tmp_path, 1, {}, "name: t\n", pools, background=True)
-    with pytest.raises(RuntimeError, match="step 1 was not saved: OSError") as info:
+    with pytest.raises(RunFailed, match="step 1 was not saved: OSError") as info:
         pending.finish()
     cause = info.value.__cause__
     assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC and cause.__traceback__ is not None

@@ -13,13 +13,14 @@ import functools
 import json
 import shutil
 import threading
+import traceback
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from memray.distributed import collectives
-from memray.errors import InputError, UserError
+from memray.errors import InputError, RunFailed, UserError
 
 from . import (
     WEIGHTS,
@@ -162,8 +163,9 @@ class PendingCheckpoint:
             if isinstance(self._error, UserError):  # e.g. a damaged chunk read while saving
                 raise self._error
             if self._error is not None:
-                raise RuntimeError(f"{message}: {errors[0][1]}") from self._error
-            raise RuntimeError(f"{message}: rank {errors[0][0]}: {errors[0][1]}")
+                details = "".join(traceback.format_exception(self._error))
+                raise RunFailed(f"{message}: {errors[0][1]}", details) from self._error
+            raise RunFailed(f"{message}: rank {errors[0][0]}: {errors[0][1]}")
         final = self.root / checkpoint_name(self.step)
         if self.rank == 0:
             store = zarr.open_group(str(self.tmp / STORE), mode="a")

@@ -26,9 +26,10 @@ import json
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from memray.errors import InputError
+from memray.errors import InputError, RunFailed
 from memray.files import sha256_file
 
 from .tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, train_bpe
@@ -239,8 +240,14 @@ def ingest(
     elif workers == 1:
         results = [ingest_file(*job) for job in jobs]
     else:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(ingest_file, *zip(*jobs)))
+        try:
+            with ProcessPoolExecutor(workers) as pool:
+                results = list(pool.map(ingest_file, *zip(*jobs)))
+        except BrokenProcessPool:
+            raise RunFailed(
+                f"an ingest worker process died (killed?); {out} has no {MANIFEST}, so nothing was "
+                "committed: run the same command again"
+            ) from None
     with open(out / REJECTS, "w") as handle:
         for result in results:
             for reject in result["rejects"]:

@@ -19,6 +19,7 @@ import torch
 
 from memray.checkpoint.sharded import PendingCheckpoint, load_pool_shard, load_training_state, start_sharded_checkpoint
 from memray.data.tokenizer import TOKENIZER_FILE
+from memray.errors import InputError
 
 from .dense import DenseTraining
 
@@ -39,17 +40,19 @@ class Checkpointer:
         keep_last: int,
         background: bool,
         attrs: dict,
+        shapes: dict[str, tuple[int, ...]],
         on_commit: Callable[[Path], None] | None = None,
     ):
         """``tables``: pool name -> value table; ``group``: the memory-parallel group (None on one
         process); ``every``: steps between periodic saves (0: none); ``keep_last``: committed
         checkpoints kept (0: all); ``attrs``: what every checkpoint records of the run (world
-        size, layout, ZeRO stage); ``on_commit(path)``: called on every rank for each commit."""
+        size, layout, ZeRO stage); ``shapes``: the dense state's tensor shapes (what a checkpoint
+        must hold to be this model's); ``on_commit(path)``: called on every rank for each commit."""
         self.folder, self.dense, self.tables, self.value_optimizer = Path(folder), dense, tables, value_optimizer
         self.group, self.rank, self.config_yaml = group, rank, config_yaml
         self.extra_files = {TOKENIZER_FILE: tokenizer_path} if tokenizer_path is not None else None
         self.every, self.keep_last, self.background, self.attrs = every, keep_last, background, attrs
-        self.on_commit = on_commit
+        self.on_commit, self.shapes = on_commit, shapes
         self._pending: PendingCheckpoint | None = None
 
     def due(self, step: int, last_step: int) -> bool:
@@ -109,6 +112,30 @@ class Checkpointer:
             extra_files=self.extra_files,
         )
 
+    def _check_same_model(self, ckpt: Path, attrs: dict, weights: dict) -> None:
+        """InputError naming the first tensor or pool whose shape differs between the checkpoint
+        and this run's model (a checkpoint of another model config), before anything is loaded."""
+        other = f"checkpoint {ckpt} holds another model (compare its config.yaml with this run's)"
+        for name, shape in self.shapes.items():
+            if name not in weights:
+                raise InputError(f"{other}: it has no '{name}'")
+            if tuple(weights[name].shape) != shape:
+                raise InputError(f"{other}: '{name}' is {list(weights[name].shape)} there, {list(shape)} here")
+        extra = sorted(set(weights) - set(self.shapes))
+        if extra:
+            raise InputError(f"{other}: it has '{extra[0]}', which this model lacks")
+        pools = attrs.get("pools", {})
+        for name, table in self.tables.items():
+            saved = pools.get(name)
+            here = [table.shard.num_rows, table.shard.dim]
+            if saved is None:
+                raise InputError(f"{other}: it has no value pool '{name}' (it has {sorted(pools)})")
+            if [saved["num_rows"], saved["dim"]] != here:
+                raise InputError(
+                    f"{other}: pool '{name}' is {[saved['num_rows'], saved['dim']]} there, {here} here"
+                    + (" (memray grow enlarges a pool)" if saved["num_rows"] < here[0] else "")
+                )
+
     def _value_state(self, table) -> dict:
         if self.value_optimizer is None:
             return {}
@@ -119,6 +146,7 @@ class Checkpointer:
         (collective): each rank reads only its rows and columns of every pool. Returns the
         checkpoint and its attributes (step, and the ``progress`` it was saved with)."""
         ckpt, manifest, attrs, weights, moments = load_training_state(path)
+        self._check_same_model(ckpt, attrs, weights)
         self.dense.restore(weights, moments, attrs["step"])
         for name, table in self.tables.items():
             arrays = load_pool_shard(ckpt, name, table.row_range, table.col_range, manifest)

@@ -87,6 +87,8 @@ class Trainer:
             )
         self.model = Transformer(config.model, device=self.device, pools=pools)
         self.tables = self.model.value_tables()
+        # before ZeRO-3 partitions the parameters in place
+        dense_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         if context is None:
             self.dense = LocalDense(self.model, o)
         else:
@@ -115,6 +117,7 @@ class Trainer:
             keep_last=config.train.keep_last,
             background=config.train.async_checkpoint,
             on_commit=self._committed,
+            shapes=dense_shapes,
             attrs={
                 "world_size": self.world,
                 "layout": config.model.memory.layout if context else "unsharded",
