@@ -9,7 +9,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import assert_one_line_error, memray, memray_here
+from helpers import assert_one_line_error, memray, memray_here, sets
 
 from memray.data import BPETokenizer, ByteTokenizer, DataConfig, load_documents, saved_tokenizer
 from memray.data.arrow import ArrowDocuments
@@ -76,11 +76,16 @@ def test_strict_and_bad_inputs_are_one_line(sources, tmp_path):
 def test_reader_refuses_damage(sources, tmp_path):
     manifest = ingest(sources, tmp_path / "out", workers=1)
     shard = tmp_path / "out" / manifest["shards"][0]["file"]
-    data = bytearray(shard.read_bytes())
+    good = shard.read_bytes()
+    data = bytearray(good)
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(InputError, match=manifest["shards"][0]["file"] + " is damaged"):
         ArrowDocuments(tmp_path / "out")
+    shard.write_bytes(good[: len(good) // 2])  # truncated: named the same way, also to a training run
+    arrow = sets("data.source=arrow", f"data.path={tmp_path / 'out'}", "train.steps=1")
+    result = memray_here("train", "tiny", "--workers", 0, *arrow, "--run-dir", tmp_path / "run")
+    assert_one_line_error(result, manifest["shards"][0]["file"] + " is damaged")
 
 
 def test_training_reads_arrow_shards(sources, tmp_path):

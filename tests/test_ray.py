@@ -119,6 +119,12 @@ def test_cluster_submit_logs_status_checkpoint(head, tmp_path):
     assert status.returncode == 0 and json.loads(status.stdout)["status"] == "SUCCEEDED"
     assert (run / "checkpoints" / "step-00000020" / "COMMITTED").is_file()
     assert memray("verify", run, env=env).returncode == 0
+    # an unauthenticated request to the token-protected head: one line naming it
+    (head.home / "wrong_token").write_text("0" * 64)
+    wrong = {**env, "RAY_AUTH_TOKEN_PATH": str(head.home / "wrong_token")}
+    for command in (["status", "e2e-1"], ["submit", "tiny", "--no-wait"]):
+        refused = memray(*command, "--address", address, env=wrong)
+        assert_one_line_error(refused, address, "Invalid authentication token")
     # submitting the same id again starts nothing
     again = memray("submit", "tiny", "--address", address, "--submission-id", "e2e-1", "--no-wait", env=env)
     assert again.returncode == 0 and "already exists" in again.stderr
