@@ -127,7 +127,7 @@ def submit(config, overrides, workers, run_dir, resume, submission_id, no_wait, 
     if no_wait:
         click.echo(job_id)
         return
-    status = jobs.follow(client, job_id)
+    status = jobs.follow(client, job_id, run_dir=run_dir)
     click.echo(f"job {job_id} {status}", err=True)
     sys.exit(0 if status == "SUCCEEDED" else 1)
 

@@ -40,3 +40,31 @@ def test_a_submission_id_is_submitted_once_and_only_when_unknown(monkeypatch, in
     else:
         _, job_id, new = submit()
         assert job_id == "e2e-1" and new is submits and len(fake.submitted) == int(submits)
+
+
+class LostCluster:
+    """A job whose logs stream until the cluster's head goes away."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def get_job_info(self, job_id):
+        self.calls += 1
+        if self.calls > 1:  # after the head is gone: what requests raises
+            raise ConnectionError("Failed to establish a new connection: [Errno 111] Connection refused")
+        return {"job_id": job_id}
+
+    async def tail_job_logs(self, job_id):
+        yield "step 5 loss 4.8\n"
+        raise ConnectionResetError("Cannot write to closing transport")
+
+
+def test_losing_the_cluster_while_following_is_one_line(capsys):
+    from memray.errors import RunFailed
+
+    with pytest.raises(RunFailed) as info:
+        jobs.follow(LostCluster(), "e2e-1", run_dir="/runs/r")
+    message = str(info.value)
+    assert "\n" not in message and "lost the Ray cluster while following job 'e2e-1'" in message
+    assert "ConnectionResetError" in message and "--run-dir /runs/r" in message
+    assert "step 5 loss" in capsys.readouterr().out  # what arrived was streamed

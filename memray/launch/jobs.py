@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memray.errors import InputError, UsageError
+from memray.errors import InputError, ReportedError, RunFailed, UsageError
 
 from .local import auth_token, check_reachable, is_loopback, split_address
 
@@ -145,8 +145,11 @@ def logs(jobs, job_id: str) -> str:
     return _call("reading the job's logs", job_id, jobs.get_job_logs, job_id)
 
 
-def follow(jobs, job_id: str, out=sys.stdout) -> str:
-    """Stream the job's logs until it ends; its final status."""
+def follow(jobs, job_id: str, out=None, run_dir: str | None = None) -> str:
+    """Stream the job's logs until it ends; its final status. Losing the cluster on the way (its
+    head killed, the network gone) is one line, exit 1: what the job committed stays in its run
+    directory (``run_dir``), and submitting into it again continues from there."""
+    out = out or sys.stdout
     info(jobs, job_id)
 
     async def tail():
@@ -154,9 +157,18 @@ def follow(jobs, job_id: str, out=sys.stdout) -> str:
             out.write(chunk)
             out.flush()
 
-    asyncio.run(tail())
-    while (status := str(info(jobs, job_id).status.value)) not in TERMINAL:  # logs end just before the status
-        time.sleep(0.5)
+    try:
+        asyncio.run(tail())
+        while (status := str(info(jobs, job_id).status.value)) not in TERMINAL:  # logs end just before the status
+            time.sleep(0.5)
+    except ReportedError:
+        raise
+    except Exception as exc:  # aiohttp's and requests' connection errors, the SDK's RuntimeError
+        where = f"--run-dir {run_dir}" if run_dir else "its --run-dir"
+        raise RunFailed(
+            f"lost the Ray cluster while following job '{job_id}' ({type(exc).__name__}: {_first_line(exc)}); "
+            f"what it committed stays in its run directory: submit again with {where} to continue from it"
+        ) from exc
     return status
 
 

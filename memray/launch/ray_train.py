@@ -37,11 +37,15 @@ def _pointer_path(checkpoint) -> str | None:
 
 
 def _worker(args: dict) -> None:
-    """One Ray Train worker: resume from Ray's latest reported checkpoint after a restart, else
-    from ``--resume``; report each committed checkpoint and the final result."""
+    """One Ray Train worker: start from the run directory's newest committed checkpoint (the
+    rerun rule; after a restart it is at least as new as the latest one reported to Ray, which
+    may lag behind a commit), else Ray's reported one, else ``--resume``; report each committed
+    checkpoint and the final result."""
     import ray.train
 
+    from memray.checkpoint import committed_checkpoints
     from memray.train.launch_local import train_worker
+    from memray.train.rundir import CHECKPOINTS
 
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -49,8 +53,12 @@ def _worker(args: dict) -> None:
     pids = run_dir / "pids"
     pids.mkdir(parents=True, exist_ok=True)
     (pids / f"rank-{rank}.pid").write_text(str(os.getpid()))
+    own = committed_checkpoints(run_dir / CHECKPOINTS)
     restored = ray.train.get_checkpoint()
-    resume = _pointer_path(restored) if restored is not None else args["resume"]
+    if own:
+        resume = str(own[-1])
+    else:
+        resume = _pointer_path(restored) if restored is not None else args["resume"]
 
     def report(path: Path, metrics: dict) -> None:
         if rank != 0:
