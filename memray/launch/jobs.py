@@ -16,6 +16,7 @@ storage the cluster's nodes share.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import shutil
@@ -150,6 +151,8 @@ def follow(jobs, job_id: str, out=None, run_dir: str | None = None) -> str:
     head killed, the network gone) is one line, exit 1: what the job committed stays in its run
     directory (``run_dir``), and submitting into it again continues from there."""
     out = out or sys.stdout
+    # the SDK logs a closed log stream at INFO on stderr, a second line beside memray's own
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
     info(jobs, job_id)
 
     async def tail():
