@@ -35,11 +35,12 @@ def test_single_process_resume_is_exact(tmp_path):
 @pytest.mark.parametrize("workers,tolerance", [(2, 0.0), (3, 1e-4), (1, 1e-4)])
 def test_resume_on_any_world_size(two_rank_run, workers, tolerance, tmp_path):
     """Same world size: the uninterrupted run's losses exactly. Another world size (3 ranks in the
-    column layout, 1 rank) reads its own rows and columns and continues from the same state:
-    equal up to the rounding of sums taken in another order."""
-    layout = "column" if workers == 3 else "row"
+    column layout at ZeRO-3, whose partitions 3 ranks do not divide evenly; 1 rank) reads its own
+    rows and columns and continues from the same state: equal up to the rounding of sums taken
+    in another order."""
+    other = sets("model.memory.layout=column", "distributed.zero_stage=3") if workers == 3 else []
     step_10 = two_rank_run / "checkpoints" / "step-00000010"
-    result = train_tiny(tmp_path / "r", *sets(f"model.memory.layout={layout}"), "--resume", step_10, workers=workers)
+    result = train_tiny(tmp_path / "r", *other, "--resume", step_10, workers=workers)
     assert result.returncode == 0, result.stderr
     resumed, uninterrupted = losses(tmp_path / "r"), losses(two_rank_run)[10:]
     assert len(resumed) == 20
@@ -58,19 +59,14 @@ def test_a_rerun_continues_its_run_directory(two_rank_run, tmp_path):
     assert "continuing from" in (tmp_path / "r" / "log.txt").read_text()
 
 
-def test_zero3_resumes_exactly_and_on_another_world_size(zero3_run, tmp_path):
+def test_zero3_resumes_exactly(zero3_run, tmp_path):
     """ZeRO-3 partitions the dense weights and Adam moments: its checkpoint holds them whole
-    (once saved as zeros: the base optimizer's groups are empty between ZeRO-3 steps), and they
-    load back into partitions padded to the group size (3 ranks do not divide most tensors)."""
+    (once saved as zeros: the base optimizer's groups are empty between ZeRO-3 steps) and they
+    load back into the partitions (on 3 ranks, padded ones: test_resume_on_any_world_size)."""
     step_10 = zero3_run / "checkpoints" / "step-00000010"
-    zero3 = sets("distributed.zero_stage=3")
-    same = train_tiny(tmp_path / "same", *zero3, "--resume", step_10)
+    same = train_tiny(tmp_path / "same", *sets("distributed.zero_stage=3"), "--resume", step_10)
     assert same.returncode == 0, same.stderr
     assert losses(tmp_path / "same") == losses(zero3_run)[10:]
-    three = train_tiny(tmp_path / "three", *zero3, *sets("model.memory.layout=column"), "--resume", step_10, workers=3)
-    assert three.returncode == 0, three.stderr
-    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "three"), losses(zero3_run)[10:])) <= 1e-4
-    assert len(losses(tmp_path / "three")) == 20
 
 
 def test_resume_refuses_damage(two_rank_run, tmp_path):
