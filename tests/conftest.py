@@ -5,6 +5,11 @@ first imported; DeepSpeed must be told it has no accelerator before it is import
 """
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -23,6 +28,49 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (still run by make test)")
     config.addinivalue_line("markers", "demo: the demo's minutes-long recall promise (make test; not make test-fast)")
     config.addinivalue_line("markers", "gpu: run by make gpu-check on its device (MEMRAY_GPU_CHECK_DEVICE)")
+
+
+# The demo's training (minutes) runs in the background on one thread from the start of the
+# session, while the other tests use what the machine has left; the demo test runs last and
+# waits for it. (One thread trains the demo at ~0.6x the speed of two, and the rest of the suite
+# leaves most of a core idle: the session ends minutes sooner.)
+DEMO_TRAIN = """
+import sys, torch
+torch.set_num_threads(1)
+from memray.train import Trainer, load_run_config
+Trainer(load_run_config("demo"), run_dir=sys.argv[1], progress=False).fit()
+"""
+_demo: dict = {}
+
+
+def pytest_collection_finish(session):
+    demo = [item for item in session.items if item.get_closest_marker("demo")]
+    if not demo:
+        return
+    session.items[:] = [item for item in session.items if not item.get_closest_marker("demo")] + demo
+    root = Path(tempfile.mkdtemp(prefix="memray-demo-test-"))
+    log = open(root / "train.log", "w")
+    command = [sys.executable, "-c", DEMO_TRAIN, str(root / "run")]
+    _demo.update(root=root, log=log, process=subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+
+
+def pytest_sessionfinish():
+    if "process" in _demo:
+        if _demo["process"].poll() is None:
+            _demo["process"].kill()
+        _demo["process"].wait()
+        _demo["log"].close()
+        shutil.rmtree(_demo["root"], ignore_errors=True)
+
+
+@pytest.fixture
+def demo_run() -> Path:
+    """The run directory of `memray train demo` (one process), once its background training ends."""
+    assert "process" in _demo, "the demo's training starts when a demo test is collected"
+    code = _demo["process"].wait()
+    _demo["log"].flush()
+    assert code == 0, (_demo["root"] / "train.log").read_text()[-3000:]
+    return _demo["root"] / "run"
 
 
 # Runs that several test files check, each trained once per session. Tests copy a checkpoint

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 from helpers import assert_one_line_error, memray, read_metrics, sets
 
+from memray.checkpoint import committed_checkpoints
 from memray.train import load_run_config
 
 pytestmark = pytest.mark.slow
@@ -183,6 +184,45 @@ def test_grow_as_ray_tasks_writes_the_local_grow(head, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     local, on_ray = (read_manifest(tmp_path / out)[1]["chunks"] for out in ("local", "ray"))
     assert on_ray == local and len(local) >= 3
+
+
+def test_a_killed_head_loses_no_checkpoint_and_a_resubmission_continues(head, tmp_path):
+    """SIGKILL the head's process group while `memray submit` follows a job: one line, exit 1,
+    naming the run directory; the committed checkpoints stay; after `memray cluster up` the same
+    submission into that run directory continues from the newest (the rerun rule under Ray)."""
+    run, env = tmp_path / "run", head.env
+    every_5 = sets("train.checkpoint_every=5", "train.keep_last=0")
+    command = [sys.executable, "-m", "memray.cli", "submit", "tiny", "--address", head.jobs, "--workers", "2"]
+    command += [*every_5, *sets("train.steps=100000"), "--run-dir", str(run)]
+    with open(tmp_path / "err.txt", "w") as err:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            committed = run / "checkpoints" / "step-00000010" / "COMMITTED"
+            deadline = time.monotonic() + 240
+            while not committed.exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert committed.exists(), (tmp_path / "err.txt").read_text()[-3000:]
+            os.killpg(head.pid, signal.SIGKILL)
+            assert process.wait(timeout=120) == 1
+        finally:
+            if process.poll() is None:
+                process.kill()
+    lines = [line for line in (tmp_path / "err.txt").read_text().splitlines() if line.startswith("memray:")]
+    assert len(lines) == 1 and "lost the Ray cluster while following job" in lines[0], lines
+    assert f"--run-dir {run}" in lines[0] and "Traceback" not in (tmp_path / "err.txt").read_text()
+    done = [p.name for p in committed_checkpoints(run / "checkpoints")]
+    assert "step-00000010" in done and memray("verify", run, env=env).returncode == 0
+    # the head again (new ports), and the same submission into the run directory
+    port, jobs_port = _free_port(), _free_port()
+    up = memray("cluster", "up", "--port", port, "--dashboard-port", jobs_port, "--num-cpus", "2", env=env)
+    assert up.returncode == 0, up.stderr
+    head.pid = json.loads((head.home / "cluster.json").read_text())["pid"]  # what the last test stops
+    newest = int(done[-1].removeprefix("step-"))
+    again = memray("submit", "tiny", "--address", f"http://127.0.0.1:{jobs_port}", "--workers", "2", *every_5,
+                   *sets(f"train.steps={newest + 5}"), "--run-dir", run, env=env)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"continuing from {run / 'checkpoints' / done[-1]} (step {newest})" in (run / "log.txt").read_text()
+    assert read_metrics(run)[-1]["step"] == newest + 5
 
 
 def test_cluster_down_stops_the_head(head):
