@@ -17,6 +17,7 @@ import os
 import queue
 import signal
 import socket
+import time
 import traceback
 
 import torch
@@ -71,8 +72,6 @@ def _rebuild_user_error(name: str, message: str) -> UserError:
 def _raise_if_killed(procs, reported, wait: float = 2.0) -> None:
     """Raise WorkerError for a rank killed by a signal (it cannot report): when one rank dies,
     the others fail in their next collective, and that is not the cause to report."""
-    import time
-
     deadline = time.monotonic() + wait
     while True:
         for rank, proc in enumerate(procs):
