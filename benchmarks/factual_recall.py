@@ -212,21 +212,56 @@ def recall(model, facts) -> float:
     return sum(a.strip() == f.answer.strip() for a, f in zip(answers, facts)) / len(facts)
 
 
-def prior_recall(facts, asked) -> float:
-    """Recall of a model that knows no fact: the commonest answer of each attribute (the floor to beat).
+MAX_ENTITY_WORDS = 4  # the longest entity name a facts file's prompts are searched for
+KNOWN_SHARE = 0.9  # the floor is reported only when this share of the asked facts has a known attribute
 
-    Facts without an ``attribute`` in their metadata (a given facts file) are grouped by the prompt
-    with its first two words removed, which is the attribute for "<First Last> <relation>" prompts.
-    """
+
+def attributes(facts) -> list[str | None]:
+    """Each fact's attribute: its ``attribute`` field when it has one, else the relation its
+    prompt asks about, inferred as the template its prompt shares with the most others once one
+    span of up to ``MAX_ENTITY_WORDS`` words (the entity) is taken out — "The headquarters of
+    <entity> is in", wherever the name stands and however many words it has (ties: the template
+    keeping more words). None when no other prompt shares any template: nothing to group with."""
     from collections import Counter
 
-    def group(f):
-        return f.meta.get("attribute") or " ".join(f.prompt.split()[2:])
+    def templates(prompt: str) -> set[str]:
+        words = prompt.split()
+        return {
+            " ".join([*words[:i], "\0", *words[j:]])
+            for i in range(len(words))
+            for j in range(i + 1, min(len(words), i + MAX_ENTITY_WORDS) + 1)
+            if j - i < len(words)  # some words of the relation stay
+        }
 
-    counts: dict[str, Counter] = {}
+    unlabelled = {f.prompt: templates(f.prompt) for f in facts if not f.meta.get("attribute")}
+    shared = Counter(t for ts in unlabelled.values() for t in ts)
+    out = []
     for f in facts:
-        counts.setdefault(group(f), Counter())[f.answer] += 1
-    return sum(counts[group(f)].most_common(1)[0][0] == f.answer for f in asked) / len(asked)
+        if f.meta.get("attribute"):
+            out.append(str(f.meta["attribute"]))
+            continue
+        best = max(unlabelled[f.prompt], key=lambda t: (shared[t], len(t.split())), default=None)
+        out.append(best if best is not None and shared[best] > 1 else None)
+    return out
+
+
+def prior_recall(facts, asked) -> float | None:
+    """Recall of a model that knows no fact: the commonest answer of each attribute (the floor to
+    beat), over the asked facts whose attribute is known (:func:`attributes`); None (the floor
+    cannot be known) when fewer than ``KNOWN_SHARE`` of the asked facts have one."""
+    from collections import Counter
+
+    labels = attributes(facts)
+    by_prompt = {f.prompt: a for f, a in zip(facts, labels)}
+    counts: dict[str, Counter] = {}
+    for f, a in zip(facts, labels):
+        if a is not None:
+            counts.setdefault(a, Counter())[f.answer] += 1
+    known = [(f, by_prompt.get(f.prompt)) for f in asked]
+    known = [(f, a) for f, a in known if a is not None]
+    if not asked or len(known) < KNOWN_SHARE * len(asked):
+        return None
+    return sum(counts[a].most_common(1)[0][0] == f.answer for f, a in known) / len(known)
 
 
 def train_and_measure(name, overrides, corpus, facts, paraphrased, heldout, s, points, workdir):
@@ -367,6 +402,12 @@ def main() -> None:
         machine=machine_info(),
     )
     prior = prior_recall(facts, eval_facts)
+    if prior is None:
+        print(
+            f"the floor cannot be known: fewer than {KNOWN_SHARE:.0%} of the evaluated facts share a relation "
+            'template with another fact (give each an "attribute" field)',
+            file=sys.stderr,
+        )
     by = {r["model"]: r for r in rows}
     plot(out, args.name, curves, sizes, prior, by.get("dense"))
     summary = {
@@ -386,7 +427,9 @@ def main() -> None:
     print(json.dumps(summary))
 
 
-def plot(out: pathlib.Path, name: str, curves: list[dict], sizes: list[dict], prior: float, dense: dict | None) -> None:
+def plot(
+    out: pathlib.Path, name: str, curves: list[dict], sizes: list[dict], prior: float | None, dense: dict | None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,7 +440,8 @@ def plot(out: pathlib.Path, name: str, curves: list[dict], sizes: list[dict], pr
         for model in dict.fromkeys(c["model"] for c in curves):
             points = [c for c in curves if c["model"] == model]
             ax.plot([p["tokens"] / 1e6 for p in points], [p["recall"] for p in points], marker="o", label=model)
-        ax.axhline(prior, color="grey", linestyle="--", label="commonest answer (no memory)")
+        if prior is not None:
+            ax.axhline(prior, color="grey", linestyle="--", label="commonest answer (no memory)")
         ax.set(xlabel="training tokens (millions)", ylabel="exact-match recall", title="Recall vs training tokens")
         ax.legend()
         fig.tight_layout()
@@ -415,7 +459,8 @@ def plot(out: pathlib.Path, name: str, curves: list[dict], sizes: list[dict], pr
         if dense is not None:
             flops = dense["flops_per_token"] / 1e6
             ax.axhline(dense["recall"], color="black", label=f"dense, {flops:.2f}M FLOPs/token")
-        ax.axhline(prior, color="grey", linestyle="--", label="commonest answer (no memory)")
+        if prior is not None:
+            ax.axhline(prior, color="grey", linestyle="--", label="commonest answer (no memory)")
         ax.legend()
         ax.set(
             xscale="log",

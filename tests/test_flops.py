@@ -85,3 +85,39 @@ def test_recall_floor_is_the_commonest_answer_of_each_attribute():
     assert prior_recall(facts, [facts[3], facts[4]]) == 0.0
     unlabelled = [Fact(f.prompt, f.answer) for f in facts]  # a facts file: grouped by the relation words
     assert prior_recall(unlabelled, unlabelled) == 5 / 7
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recall_floor_of_a_facts_file_infers_each_relation(seed):
+    """Without ``attribute`` fields the relation is the template a prompt shares with the most
+    others once the entity is taken out, wherever the name stands and however long it is: the
+    floor equals the labelled one. Prompts that share nothing give no floor at all."""
+    import random
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+    from factual_recall import attributes, prior_recall
+
+    from memray.data import Fact
+
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ren", "so", "tu", "vel", "zar"]
+    names = {" ".join(rng.choice(syllables).title() + rng.choice(syllables) for _ in range(rng.randint(1, 3)))
+             for _ in range(60)}  # fmt: skip
+    relations = {
+        "headquarters": ("The headquarters of {} is in", ["Paris", "Oslo", "Lima", "Rome"]),
+        "founded": ("{} was founded in", ["1901", "1950", "1999"]),
+        "ceo": ("Who runs {}? Its chief is", ["Ana", "Bo", "Cy", "Di", "Ed"]),
+    }
+    labelled = [
+        Fact(template.format(name), rng.choice(answers[: rng.randint(1, len(answers))]), {"attribute": relation})
+        for name in sorted(names)
+        for relation, (template, answers) in relations.items()
+    ]
+    unlabelled = [Fact(f.prompt, f.answer) for f in labelled]
+    assert attributes(unlabelled).count(None) == 0 and len(set(attributes(unlabelled))) == 3
+    assert prior_recall(unlabelled, unlabelled) == prior_recall(labelled, labelled)
+    assert prior_recall(unlabelled, unlabelled[:20]) == prior_recall(labelled, labelled[:20])
+    # the old grouping (all but the first two words) left long names in the key: a floor near 1
+    assert prior_recall(labelled, labelled) < 0.9
+    unrelated = [Fact(f"{w} {rng.random()}", "x") for w in ("alpha", "beta", "gamma", "delta")]
+    assert prior_recall(unrelated, unrelated) is None
