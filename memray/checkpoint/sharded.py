@@ -37,36 +37,10 @@ from .pools import STORE, prepare_pool, read_rows, verify_chunks, write_chunks
 OPTIMIZER = "optimizer.safetensors"
 
 
-def save_sharded_checkpoint(
-    root: Path,
-    step: int,
-    dense_state: dict[str, torch.Tensor] | None,
-    config_yaml: str,
-    pools: dict,
-    *,
-    group=None,
-    keep_last: int = 0,
-    attrs: dict | None = None,
-    dense_optimizer: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Collective over ``group``: ``pools`` maps name -> (:class:`memray.model.TableShard` this
-    rank holds, {key: this rank's tensor}).
-
-    Rank 0 writes the dense weights (``dense_state``) and the dense optimizer's tensors
-    (``dense_optimizer``, to ``optimizer.safetensors``; both ignored elsewhere) and commits once
-    every rank's chunks are written. Returns the checkpoint directory.
-    """
-    return start_sharded_checkpoint(
-        root,
-        step,
-        dense_state,
-        config_yaml,
-        pools,
-        group=group,
-        keep_last=keep_last,
-        attrs=attrs,
-        dense_optimizer=dense_optimizer,
-    ).finish()
+def save_sharded_checkpoint(*args, **options) -> Path:
+    """A whole save, in the foreground: :func:`start_sharded_checkpoint` (same arguments), then
+    :meth:`PendingCheckpoint.finish` (collective). Returns the checkpoint directory."""
+    return start_sharded_checkpoint(*args, **options).finish()
 
 
 def start_sharded_checkpoint(
@@ -83,7 +57,12 @@ def start_sharded_checkpoint(
     background: bool = False,
     extra_files: dict[str, Path] | None = None,
 ) -> PendingCheckpoint:
-    """The collective part of a save (the temporary directory, array metadata, the rows each rank
+    """Collective over ``group``: ``pools`` maps name -> (:class:`memray.model.TableShard` this
+    rank holds, {key: this rank's tensor}). Rank 0 writes the dense weights (``dense_state``)
+    and the dense optimizer's tensors (``dense_optimizer``, to ``optimizer.safetensors``; both
+    ignored elsewhere).
+
+    The collective part of a save (the temporary directory, array metadata, the rows each rank
     must write); the files are written now, or by a thread when ``background`` (on snapshots,
     so training may go on). ``extra_files`` (name -> path, e.g. the run's tokenizer) are copied
     in by rank 0 and checksummed with the rest. :meth:`PendingCheckpoint.finish` (collective) commits."""
