@@ -18,6 +18,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -481,7 +482,98 @@ void sgd(const Tensor& table, const Tensor& rows, const Tensor& row_grads, doubl
                             row_grads.stride(0), rows.numel(), table.size(1), lr, weight_decay);
 }
 
+// ---- product-key search: the selection ---------------------------------------------------------
+//
+// For each row (a token and head) of half scores [rows, 2, n_keys]: each half's top-k1 keys, then
+// the top-knn of the k1 x k1 sums, best first. Order everywhere: higher score first, ties to the
+// lower index (key index within a half, slot index i * n_keys + j for the sums), the order of a
+// brute-force search over all n_keys**2 slots. Replaces three torch.topk calls (a full pass each
+// and a sort) by one pass per half that keeps a short sorted list, and a scan of the sums that
+// stops each line once it falls below the current knn-th best: float addition is monotone, so a
+// sum of sorted halves never rises along a line.
+
+template <typename S>
+inline void top_keys(const S* s, int64_t n, int64_t k, S* best, int64_t* index) {
+  int64_t filled = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const S v = s[i];
+    if (filled == k && !(v > best[k - 1])) continue;  // not better than the k-th (ties: lower index kept)
+    int64_t pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && v > best[pos - 1]) {
+      best[pos] = best[pos - 1];
+      index[pos] = index[pos - 1];
+      --pos;
+    }
+    best[pos] = v;
+    index[pos] = i;
+  }
+}
+
+template <typename S>
+void pk_select_kernel(const S* scores, int64_t rows, int64_t n_keys, int64_t k1, int64_t knn, int64_t* out1,
+                      int64_t* out2) {
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<S> s1(k1), s2(k1), kept(knn);
+    std::vector<int64_t> i1(k1), i2(k1), slot(knn), a_of(knn), b_of(knn);
+    for (int64_t r = r0; r < r1; ++r) {
+      const S* row = scores + r * 2 * n_keys;
+      top_keys(row, n_keys, k1, s1.data(), i1.data());
+      top_keys(row + n_keys, n_keys, k1, s2.data(), i2.data());
+      // kept[0..filled) sorted best first by (sum desc, slot asc)
+      int64_t filled = 0;
+      for (int64_t a = 0; a < k1; ++a) {
+        for (int64_t b = 0; b < k1; ++b) {
+          const S v = s1[a] + s2[b];
+          const int64_t id = i1[a] * n_keys + i2[b];
+          if (filled == knn) {
+            const S worst = kept[knn - 1];
+            if (v < worst) break;  // the rest of this line is no higher
+            if (!(v > worst) && id > slot[knn - 1]) continue;
+          }
+          int64_t pos = filled < knn ? filled++ : knn - 1;
+          while (pos > 0 && (v > kept[pos - 1] || (!(v < kept[pos - 1]) && id < slot[pos - 1]))) {
+            kept[pos] = kept[pos - 1];
+            slot[pos] = slot[pos - 1];
+            a_of[pos] = a_of[pos - 1];
+            b_of[pos] = b_of[pos - 1];
+            --pos;
+          }
+          kept[pos] = v;
+          slot[pos] = id;
+          a_of[pos] = a;
+          b_of[pos] = b;
+        }
+      }
+      for (int64_t k = 0; k < knn; ++k) {
+        out1[r * knn + k] = i1[a_of[k]];
+        out2[r * knn + k] = i2[b_of[k]];
+      }
+    }
+  });
+}
+
+void pk_select(const Tensor& scores, int64_t knn, const Tensor& out1, const Tensor& out2) {
+  TORCH_CHECK(scores.dim() == 3 && scores.size(1) == 2 && scores.is_contiguous(),
+              "scores must be contiguous [rows, 2, n_keys]");
+  const int64_t rows = scores.size(0), n_keys = scores.size(2);
+  const int64_t k1 = std::min(knn, n_keys);
+  TORCH_CHECK(knn >= 1 && knn <= k1 * k1, "knn must be in [1, min(knn, n_keys)**2]");
+  for (const Tensor* out : {&out1, &out2}) {
+    TORCH_CHECK(out->scalar_type() == ScalarType::Long && out->is_contiguous() && out->numel() == rows * knn,
+                "outputs must be contiguous int64 [rows, knn]");
+  }
+  if (scores.scalar_type() == ScalarType::Float) {
+    pk_select_kernel<float>(scores.data_ptr<float>(), rows, n_keys, k1, knn, out1.data_ptr<int64_t>(),
+                            out2.data_ptr<int64_t>());
+  } else {
+    TORCH_CHECK(scores.scalar_type() == ScalarType::Double, "scores must be float32 or float64");
+    pk_select_kernel<double>(scores.data_ptr<double>(), rows, n_keys, k1, knn, out1.data_ptr<int64_t>(),
+                             out2.data_ptr<int64_t>());
+  }
+}
+
 }  // namespace
+
 
 // The namespace is a macro so that a second build (other ISA flags, for benchmarks) can be
 // loaded beside the default one; the extra macro level expands it before TORCH_LIBRARY pastes it.
@@ -506,4 +598,5 @@ MEMRAY_TORCH_LIBRARY(MEMRAY_CPU_BAG_NS, m) {
       "Tensor row_grads, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled) -> ()",
       &lazy_adam);
   m.def("sgd(Tensor(a!) table, Tensor rows, Tensor row_grads, float lr, float weight_decay) -> ()", &sgd);
+  m.def("pk_select(Tensor scores, int knn, Tensor(a!) out1, Tensor(b!) out2) -> ()", &pk_select);
 }

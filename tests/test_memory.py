@@ -33,6 +33,59 @@ def test_topk_equals_brute_force(n_keys, knn, heads, qk_norm):
     torch.testing.assert_close(scores, brute_scores, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "rows,n_keys,knn", [(1, 1, 1), (9, 3, 9), (40, 7, 5), (33, 5, 20), (64, 128, 16), (8, 300, 32)]
+)
+def test_cpp_selection_equals_brute_force_ties_included(rows, n_keys, knn, dtype):
+    """The C++ selection against a stable sort of all n_keys**2 slots: on random scores and on
+    scores drawn from three values (ties everywhere: lower key, then lower slot, first)."""
+    from memray.kernels import cpu_ext
+    from memray.kernels.pk_search import pk_select, pk_select_reference
+
+    if not cpu_ext.available():
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.load_error}")
+    torch.manual_seed(rows * n_keys + knn)
+    for scores in (torch.randn(rows, 2, n_keys, dtype=dtype), torch.randint(-1, 2, (rows, 2, n_keys)).to(dtype)):
+        got, want = pk_select(scores, knn), pk_select_reference(scores, knn)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_cpp_selection_never_picks_nan():
+    from memray.kernels import cpu_ext
+    from memray.kernels.pk_search import pk_select
+
+    if not cpu_ext.available():
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.load_error}")
+    scores = torch.randn(4, 2, 6)
+    scores[:, 0, 2] = float("nan")
+    i, _ = pk_select(scores, 5)
+    assert not (i == 2).any()
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_layer_selection_and_gradients_equal_the_torch_search(qk_norm):
+    """backend auto (the C++ selection on CPU) and torch (three topk calls): the same slots, the
+    same scores, and gradients equal within 1e-12 (float64)."""
+    torch.manual_seed(3)
+    outs = []
+    for backend in ("auto", "torch"):
+        torch.manual_seed(3)
+        layer = make_layer(dtype=torch.float64, n_keys=9, knn=6, heads=3, qk_norm=qk_norm, backend=backend)
+        x = torch.randn(2, 13, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        x.requires_grad_(True)
+        rows, scores = layer.topk(x)
+        layer(x).square().sum().backward()
+        grads = [x.grad] + [p.grad for p in layer.parameters() if p.grad is not None and not p.grad.is_sparse]
+        outs.append((rows, scores, grads))
+    (rows_a, scores_a, grads_a), (rows_b, scores_b, grads_b) = outs
+    assert torch.equal(rows_a, rows_b)
+    torch.testing.assert_close(scores_a, scores_b, atol=1e-12, rtol=0)
+    assert len(grads_a) == len(grads_b) > 2
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 def test_scores_are_fp32_for_low_precision_layers():
     layer = make_layer(dtype=torch.bfloat16)
     _, scores = layer.topk(torch.randn(4, 24, dtype=torch.bfloat16))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memray.errors import ConfigError
+from memray.kernels.pk_search import pk_select
 
 from .values import ValueTable, ValueTableBase
 
@@ -194,6 +195,11 @@ class ProductKeyMemory(nn.Module):
     def _search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         s = self._half_scores(x)  # [T, H, 2, n_keys]
+        picked = pk_select(s.detach().flatten(0, 1), c.knn) if c.backend != "torch" else None
+        if picked is not None:  # the C++ selection; the scores are gathered here, so they keep autograd
+            i, j = (t.view(*s.shape[:2], c.knn) for t in picked)
+            scores = s[:, :, 0].gather(-1, i) + s[:, :, 1].gather(-1, j)
+            return i * c.n_keys + j, scores
         k1 = min(c.knn, c.n_keys)
         s1, i1 = s[:, :, 0].topk(k1, dim=-1)  # [T, H, k1]
         s2, i2 = s[:, :, 1].topk(k1, dim=-1)
