@@ -175,10 +175,11 @@ def facts(config, overrides, out):
     from memray.train import load_run_config
 
     d = load_run_config(config, list(overrides)).data
-    items = generate_facts(d.num_entities, d.num_attributes, d.seed)
+    items = generate_facts(d.num_entities, d.num_attributes, d.seed, style=d.style)
     write_facts(out, items)
     click.echo(
-        f"{out}: {len(items):,} facts ({d.num_entities} entities x {d.num_attributes} attributes, seed {d.seed})"
+        f"{out}: {len(items):,} facts ({d.num_entities} entities x {d.num_attributes} attributes, "
+        f"style {d.style}, seed {d.seed})"
     )
 
 

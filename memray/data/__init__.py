@@ -8,7 +8,7 @@ from memray.errors import ConfigError, InputError
 
 from .facts import Fact, read_facts, write_facts
 from .packing import IGNORE_INDEX, PackedBatches
-from .synthetic import ATTRIBUTES, generate_facts
+from .synthetic import STYLES, generate_facts, style_attributes
 from .tokenizer import BPETokenizer, ByteTokenizer, saved_tokenizer
 
 
@@ -19,6 +19,7 @@ class DataConfig:
     path: str | None = None
     num_entities: int = 400  # synthetic: facts = num_entities * num_attributes
     num_attributes: int = 5
+    style: Literal["names", "syllables", "numbers"] = "names"  # synthetic: the kind of facts
     seed: int = 0
     seq_len: int = 128
 
@@ -27,8 +28,13 @@ class DataConfig:
             raise ConfigError("path", f"source '{self.source}' needs a path")
         if self.num_entities < 1:
             raise ConfigError("num_entities", f"must be >= 1, got {self.num_entities}")
-        if not 1 <= self.num_attributes <= len(ATTRIBUTES):
-            raise ConfigError("num_attributes", f"must be in [1, {len(ATTRIBUTES)}], got {self.num_attributes}")
+        if self.style not in STYLES:
+            raise ConfigError("style", f"must be one of {', '.join(STYLES)}, got {self.style!r}")
+        most = len(style_attributes(self.style))
+        if not 1 <= self.num_attributes <= most:
+            raise ConfigError(
+                "num_attributes", f"must be in [1, {most}] for style {self.style}, got {self.num_attributes}"
+            )
         if self.seq_len < 2:
             raise ConfigError("seq_len", f"must be >= 2, got {self.seq_len}")
 
@@ -62,12 +68,12 @@ def _byte_documents(config: DataConfig, tokenizer: ByteTokenizer) -> tuple[list[
     if config.source == "facts":
         facts = read_facts(config.path)
     else:
-        facts = generate_facts(config.num_entities, config.num_attributes, config.seed)
+        facts = generate_facts(config.num_entities, config.num_attributes, config.seed, style=config.style)
     return [tokenizer.encode(f.text, bos=True, eos=True) for f in facts], facts
 
 
 __all__ = [
-    "ATTRIBUTES",
+    "STYLES",
     "BPETokenizer",
     "ByteTokenizer",
     "DataConfig",

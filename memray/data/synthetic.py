@@ -243,32 +243,91 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 )
 
 
+# "syllables" style: every name is built from these few syllables, so names share most of their
+# letters and differ only in how the syllables combine; a model must read the whole name.
+_SHARED_SYLLABLES = ("ka", "lo", "mi", "ra", "te", "nu")
+
+# "numbers" style: answers of higher entropy than a city or a colour (7 to 13 bits each), a few
+# digits that a model can only produce by having stored them.
+NUMBER_ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute(
+        "birth_year",
+        ("{entity} was born in the year", "The birth year of {entity} is", "The year {entity} was born is"),
+        tuple(str(y) for y in range(1700, 2000)),
+    ),
+    Attribute(
+        "room",
+        ("{entity} lives in room", "The room number of {entity} is", "The room of {entity} has the number"),
+        tuple(str(n) for n in range(100, 1000)),
+    ),
+    Attribute(
+        "pin",
+        ("The door code of {entity} is", "{entity} opens the door with the code", "To open the door, {entity} types"),
+        tuple(f"{n:04d}" for n in range(10000)),
+    ),
+    Attribute(
+        "street_number",
+        ("{entity} lives at number", "The house number of {entity} is", "The street number of {entity} is"),
+        tuple(str(n) for n in range(1, 200)),
+    ),
+    Attribute(
+        "age",
+        ("{entity} is this many years old:", "The age of {entity} is", "In years, the age of {entity} is"),
+        tuple(str(n) for n in range(18, 100)),
+    ),
+)
+
+STYLES = ("names", "syllables", "numbers")
+
+
+def style_attributes(style: str) -> tuple[Attribute, ...]:
+    """The attributes a fact style draws from (``names`` and ``syllables`` share theirs)."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    return NUMBER_ATTRIBUTES if style == "numbers" else ATTRIBUTES
+
+
 def _name(rng: random.Random, syllables: int) -> str:
     word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)) + rng.choice(_CODAS)
     return word.capitalize()
 
 
-def entity_names(num_entities: int, seed: int) -> list[str]:
-    """Unique two-word invented names, deterministic in ``seed``."""
-    rng = random.Random(f"names-{seed}")
+def _shared_syllable_name(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_SHARED_SYLLABLES) for _ in range(syllables)).capitalize()
+
+
+def entity_names(num_entities: int, seed: int, style: str = "names") -> list[str]:
+    """Unique two-word invented names, deterministic in ``seed`` (and ``style``: ``syllables``
+    builds them from six shared syllables, two to four per word)."""
+    style_attributes(style)
+    rng = random.Random(f"names-{seed}" if style != "syllables" else f"syllable-names-{seed}")
     names: dict[str, None] = {}
     while len(names) < num_entities:
-        names[f"{_name(rng, rng.choice((1, 2)))} {_name(rng, rng.choice((2, 3)))}"] = None
+        if style == "syllables":
+            name = f"{_shared_syllable_name(rng, rng.randint(2, 4))} {_shared_syllable_name(rng, rng.randint(2, 4))}"
+        else:
+            name = f"{_name(rng, rng.choice((1, 2)))} {_name(rng, rng.choice((2, 3)))}"
+        names[name] = None
     return list(names)
 
 
-def generate_facts(num_entities: int, num_attributes: int = 5, seed: int = 0, template: int = 0) -> list[Fact]:
+def generate_facts(
+    num_entities: int, num_attributes: int = 5, seed: int = 0, template: int = 0, style: str = "names"
+) -> list[Fact]:
     """``num_entities * num_attributes`` facts; ``template`` picks the sentence form (0: training).
 
     The same seed gives the same entities and values whatever template is asked for, so
-    ``template=1`` paraphrases exactly the facts of ``template=0``.
+    ``template=1`` paraphrases exactly the facts of ``template=0``. ``style`` (:data:`STYLES`):
+    ``names`` (invented names, cities/colours/... as answers), ``syllables`` (the same answers,
+    names from six shared syllables), ``numbers`` (invented names, numeric answers).
     """
-    if not 1 <= num_attributes <= len(ATTRIBUTES):
-        raise ValueError(f"num_attributes must be in [1, {len(ATTRIBUTES)}], got {num_attributes}")
-    rng = random.Random(f"values-{seed}")
+    attributes = style_attributes(style)
+    if not 1 <= num_attributes <= len(attributes):
+        raise ValueError(f"num_attributes must be in [1, {len(attributes)}] for style {style}, got {num_attributes}")
+    rng = random.Random(f"values-{seed}" if style == "names" else f"values-{style}-{seed}")
     facts = []
-    for entity in entity_names(num_entities, seed):
-        for attribute in ATTRIBUTES[:num_attributes]:
+    for entity in entity_names(num_entities, seed, style):
+        for attribute in attributes[:num_attributes]:
             value = rng.choice(attribute.values)
             form = attribute.templates[template % len(attribute.templates)]
             facts.append(Fact(form.format(entity=entity), value, {"entity": entity, "attribute": attribute.name}))
