@@ -72,3 +72,25 @@ def test_run_directory_then_eval(tiny_run, tmp_path):
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     assert_one_line_error(memray("eval", damaged, "--facts", facts), "model.safetensors", "damaged")
+
+
+def test_facts_styles_and_a_wrong_style(tmp_path):
+    """`data.style`: numbers gives numeric answers, syllables names from six shared syllables;
+    a style that does not exist is one line naming the key."""
+    from memray.data import read_facts
+
+    for style in ("numbers", "syllables"):
+        out = tmp_path / f"{style}.jsonl"
+        result = memray_here("facts", "tiny", "--set", f"data.style={style}", "--out", out)
+        assert result.returncode == 0, result.stderr
+        facts = read_facts(out)
+        assert len(facts) == 100 and len({f.meta["entity"] for f in facts}) == 50
+        if style == "numbers":
+            assert all(f.answer.isdigit() for f in facts)
+        else:
+            for name in {f.meta["entity"] for f in facts}:
+                rest = name.lower().replace(" ", "")
+                for syllable in ("ka", "lo", "mi", "ra", "te", "nu"):
+                    rest = rest.replace(syllable, "")
+                assert rest == "", name
+    assert_one_line_error(memray("facts", "tiny", "--set", "data.style=poems", "--out", tmp_path / "x"), "data.style")

@@ -121,3 +121,76 @@ def test_recall_floor_of_a_facts_file_infers_each_relation(seed):
     assert prior_recall(labelled, labelled) < 0.9
     unrelated = [Fact(f"{w} {rng.random()}", "x") for w in ("alpha", "beta", "gamma", "delta")]
     assert prior_recall(unrelated, unrelated) is None
+
+
+BENCHMARK = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "factual_recall.py"
+
+
+@pytest.mark.parametrize(
+    "content,where",
+    [('{"prompt": "A was born in", "answer": "Oslo"}\n{"prompt": "B"}\n', ":2:"), ("not json\n", ":1:")],
+)
+def test_factual_recall_rejects_a_malformed_facts_file_in_one_line(tmp_path, content, where):
+    from helpers import assert_one_line_error
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(content)
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--facts", str(facts), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(result, f"{facts}{where}")
+
+
+def test_factual_recall_refuses_a_facts_file_too_small_to_test_capacity(tmp_path):
+    from helpers import assert_one_line_error
+
+    from memray.data import generate_facts, write_facts
+
+    facts = tmp_path / "few.jsonl"
+    write_facts(facts, generate_facts(20, 5))
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--facts", str(facts), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(result, str(facts), "100 facts", "1,000")
+
+
+def test_zeroing_the_memory_output_is_a_memory_layer_that_outputs_nothing():
+    """The benchmark's ``memory_zeroed``: the logits of a model whose Memory+ output projection
+    is zero, and different from the model's own; a dense model is untouched."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARK.parent))
+    from factual_recall import memory_zeroed
+
+    from memray.model import Transformer
+
+    config = ModelConfig(
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=16,
+        memory_layers=[1],
+        memory=MemoryConfig(n_keys=8, heads=2, knn=4, k_dim=16, swilu=True),
+    )
+    torch.manual_seed(0)
+    model = Transformer(config)
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        own = model(tokens)
+        with memory_zeroed(model):
+            zeroed = model(tokens)
+        out_proj = model.blocks[1].ffn.out_proj
+        out_proj.weight.zero_()
+        out_proj.bias.zero_()
+        assert torch.equal(zeroed, model(tokens))
+        assert not torch.allclose(own, zeroed)
+        dense = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16))
+        before = dense(tokens)
+        with memory_zeroed(dense):
+            assert torch.equal(dense(tokens), before)

@@ -11,7 +11,7 @@ from memray.model import MemoryConfig, ProductKeyMemory, ValueTable, usage_metri
 
 
 def make_layer(dim=24, dtype=torch.float32, **overrides):
-    config = MemoryConfig(**{"n_keys": 7, "heads": 2, "knn": 5, "k_dim": 10, **overrides})
+    config = MemoryConfig(**{"n_keys": 7, "heads": 2, "knn": 5, "k_dim": 10, "qk_norm": False, **overrides})
     layer = ProductKeyMemory(dim, config).to(dtype)
     return layer
 
