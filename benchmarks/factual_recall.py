@@ -35,7 +35,7 @@ the last line printed is JSON with every figure.
     python benchmarks/factual_recall.py --facts-sweep --models dense,memory_plus,moe --seeds 1
     python benchmarks/factual_recall.py --quick --ablate --passes 30       # the recipe's knobs
     python benchmarks/factual_recall.py --facts F.jsonl   # any facts file of >= 1,000 facts
-    python benchmarks/factual_recall.py --setting cuda --device cuda       # a GPU, 20,000 facts
+    python benchmarks/factual_recall.py --setting cuda --style numbers --device cuda   # a GPU, 40,000 facts
 """
 
 from __future__ import annotations
@@ -103,21 +103,23 @@ SETTINGS = {
         "sweep": (64, 128, 256, 512),
         "facts_sweep": (500, 2500),
     },
-    # a GPU (--device cuda): 13x the facts of "full" on a 4-block, 128-dim model, 100 passes
+    # a GPU (--device cuda): the 2 x 64 backbone of "full" (0.18M dense parameters) against 32x
+    # the facts at 100 passes, where the dense model's capacity should bind (2 bits per parameter,
+    # the most a dense model stores, is ~360K bits: 40,000 facts of the numbers style)
     "cuda": {
-        "model": ["model.dim=128", "model.n_layers=4", "model.memory.k_dim=128"],
-        "entities": 4000,
+        "model": SMALL,
+        "entities": 8000,
         "attributes": 5,
         "filler": 200,
         "passes": 100,
-        "batch": 128,
+        "batch": 256,
         "n_keys": 512,
         "eval_sample": 2000,
         "points": 4,
-        "seeds": 2,
-        "models": ("dense", "memory_plus", "memory_plus_shared", "moe"),
+        "seeds": 1,
+        "models": ("dense", "memory_plus", "moe"),
         "sweep": (128, 256, 512, 1024),
-        "facts_sweep": (2000, 5000, 10000),
+        "facts_sweep": (10000, 20000),
     },
     # the small-model comparison of earlier releases: 4 blocks of 128 dims, 4,000 facts, 800 steps
     "wide": {
@@ -738,6 +740,15 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, ax, suffix: str, **labels) -> None:
+        if prior is not None:
+            ax.axhline(prior, color="grey", linestyle="--", label="commonest answer (no memory)")
+        ax.set(ylabel="exact-match recall", **labels)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"{name}_{suffix}.png", dpi=100)
+        plt.close(fig)
+
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4))
         for model in dict.fromkeys(c["model"] for c in curves):
@@ -751,13 +762,7 @@ def plot(
                 capsize=3,
                 label=model,
             )
-        if prior is not None:
-            ax.axhline(prior, color="grey", linestyle="--", label="commonest answer (no memory)")
-        ax.set(xlabel="training tokens (millions)", ylabel="exact-match recall", title="Recall vs training tokens")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / f"{name}_curve.png", dpi=100)
-        plt.close(fig)
+        save(fig, ax, "curve", xlabel="training tokens (millions)", title="Recall vs training tokens")
     if sizes:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.errorbar(
@@ -776,33 +781,27 @@ def plot(
         if dense is not None:
             flops = dense["flops_per_token"] / 1e6
             ax.axhline(dense["recall"], color="black", label=f"dense, {flops:.2f}M FLOPs/token")
-        if prior is not None:
-            ax.axhline(prior, color="grey", linestyle="--", label="commonest answer (no memory)")
-        ax.legend()
-        ax.set(
+        save(
+            fig,
+            ax,
+            "sizes",
             xscale="log",
             xlabel="memory parameters (millions)",
-            ylabel="exact-match recall",
             title="Memory+ recall vs memory size (labels: slots, FLOPs/token)",
         )
-        fig.tight_layout()
-        fig.savefig(out / f"{name}_sizes.png", dpi=100)
-        plt.close(fig)
     if by_count:
         fig, ax = plt.subplots(figsize=(6, 4))
         for model in dict.fromkeys(r["model"] for r in by_count):
             points = sorted((r["facts"], r["recall"]) for r in by_count if r["model"] == model)
             ax.plot([f for f, _ in points], [r for _, r in points], marker="o", label=model)
-        ax.set(
+        save(
+            fig,
+            ax,
+            "facts",
             xscale="log",
             xlabel="facts in the knowledge base",
-            ylabel="exact-match recall",
             title="Recall vs number of facts (same passes over each)",
         )
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / f"{name}_facts.png", dpi=100)
-        plt.close(fig)
 
 
 if __name__ == "__main__":
