@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import pathlib
 import random
 import statistics
@@ -506,12 +505,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def build_corpus(facts, s, path: pathlib.Path) -> int:
-    """The training text: every fact's sentence and the filler paragraphs; returns its tokens."""
+def corpus(facts, s) -> tuple[str, int]:
+    """The training text (every fact's sentence and the filler paragraphs) and its tokens."""
     paragraphs = [f.text for f in facts] + filler(s["filler"], seed=0)
     text = "\n\n".join(p.replace("\n", " ") for p in paragraphs) + "\n"
-    path.write_text(text)
-    return len(text.encode()) + 2 * len(paragraphs)
+    return text, len(text.encode()) + 2 * len(paragraphs)  # bytes, and BOS + EOS per paragraph
 
 
 def steps_for(s, corpus_tokens: int) -> int:
@@ -634,11 +632,13 @@ def main() -> None:
         workdir = pathlib.Path(tmp)
 
         def run(name, overrides, kb, asked, asked_paraphrased, points_wanted, seed):
-            corpus = workdir / f"corpus-{len(kb)}.txt"
-            setting = dict(s, steps=steps_for(s, build_corpus(kb, s, corpus)))
+            path = workdir / f"corpus-{len(kb)}.txt"
+            text, tokens = corpus(kb, s)
+            path.write_text(text)
+            setting = dict(s, steps=steps_for(s, tokens))
             points = {round(setting["steps"] * (k + 1) / points_wanted) for k in range(points_wanted)}
             row, curve = train_and_measure(
-                name, overrides, corpus, asked, asked_paraphrased, heldout, setting, points, workdir, seed, args.device
+                name, overrides, path, asked, asked_paraphrased, heldout, setting, points, workdir, seed, args.device
             )
             row["facts"] = len(kb)
             print(json.dumps(row), flush=True)
@@ -683,7 +683,7 @@ def main() -> None:
             'template with another fact (give each an "attribute" field)',
             file=sys.stderr,
         )
-    steps = steps_for(s, build_corpus(facts, s, pathlib.Path(tempfile.gettempdir()) / f"memray-corpus-{os.getpid()}"))
+    steps = steps_for(s, corpus(facts, s)[1])
     write_table(
         out,
         args.name,
