@@ -249,23 +249,22 @@ def matched(name: str, config, target_flops: float, target_params: int, seq_len:
             params = count_parameters(Transformer(c.model))["total"]
         return flops_per_token(c.model, seq_len)["total"], params
 
-    if name == "dense":
-        lo, hi = 8, 4096
-        while measure([f"model.ffn_hidden={hi}"])[0] < target_flops:  # wide models need wider FFNs
+    def width(flops_at) -> int:
+        """The width whose FLOPs per token are closest to the target (FLOPs grow with width)."""
+        lo, hi = 1, 64
+        while flops_at(hi) < target_flops:
             lo, hi = hi, 2 * hi
-        while hi - lo > 8:  # FLOPs grow with the FFN width: bisect it
-            mid = (lo + hi) // 2 // 8 * 8
-            lo, hi = (mid, hi) if measure([f"model.ffn_hidden={mid}"])[0] < target_flops else (lo, mid)
-        return [f"model.ffn_hidden={lo}"]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if flops_at(mid) < target_flops else (lo, mid)
+        return min((lo, hi), key=lambda w: abs(flops_at(w) - target_flops))
+
+    if name == "dense":
+        return [f"model.ffn_hidden={width(lambda w: measure([f'model.ffn_hidden={w}'])[0])}"]
     if name == "moe":
         experts, hidden = 8, 64
         for _ in range(20):  # width from the FLOPs, count from the parameters, until both settle
-            lo, hi = 8, 4096
-            while hi - lo > 8:
-                mid = (lo + hi) // 2 // 8 * 8
-                flops, _ = measure([f"model.moe.num_experts={experts}", f"model.moe.hidden={mid}"])
-                lo, hi = (mid, hi) if flops < target_flops else (lo, mid)
-            hidden = lo
+            hidden = width(lambda w: measure([f"model.moe.num_experts={experts}", f"model.moe.hidden={w}"])[0])
             _, params = measure([f"model.moe.num_experts={experts}", f"model.moe.hidden={hidden}"])
             _, one_more = measure([f"model.moe.num_experts={experts + 1}", f"model.moe.hidden={hidden}"])
             new = max(2, experts + round((target_params - params) / max(one_more - params, 1)))
@@ -591,12 +590,16 @@ def main() -> None:
                 f"error: {args.facts}: {len(facts)} facts, the benchmark needs at least {MIN_FACTS:,}", file=sys.stderr
             )
             sys.exit(2)
-        counts = [len(facts)]
+        counts, every_fact = [len(facts)], facts
     else:
         attrs = min(s["attributes"], len(style_attributes(style)))
         counts = sorted({*(s["facts_sweep"] if args.facts_sweep else ()), s["entities"] * attrs})
-        facts = generate_facts(s["entities"], attrs, seed=0, style=style)
-        paraphrased = generate_facts(s["entities"], attrs, seed=0, template=1, style=style)
+        # one knowledge base for every size: generated facts are entity-major and the first n
+        # entities do not depend on how many are drawn, so each size is a prefix of the largest
+        entities = max(s["entities"], math.ceil(counts[-1] / attrs))
+        every_fact = generate_facts(entities, attrs, seed=0, style=style)
+        paraphrased = generate_facts(entities, attrs, seed=0, template=1, style=style)
+        facts = every_fact[: s["entities"] * attrs]
     tokenizer = ByteTokenizer()
     heldout = [tokenizer.encode(t, bos=True, eos=True) for t in filler(max(200, s["filler"] // 10), seed=1)]
     reference = [*BASE, *s["model"], *args.set, "model.memory_layers=[]"]
@@ -645,7 +648,7 @@ def main() -> None:
             return row, curve
 
         for count in counts:
-            kb = facts[:count] if not args.facts else facts  # entity-major: a prefix keeps whole entities
+            kb = every_fact[:count]
             sample = random.Random(0).sample(range(len(kb)), min(s["eval_sample"], len(kb)))
             asked = [kb[i] for i in sample]
             asked_paraphrased = [paraphrased[i] for i in sample] if paraphrased else None

@@ -54,6 +54,9 @@ def test_factual_recall_smoke_matches_models(tmp_path):
             "1",
             "--models",
             "dense,memory_plus,moe",
+            "--entities",
+            "60",
+            "--facts-sweep",
             "--out",
             str(tmp_path),
         ],
@@ -70,6 +73,9 @@ def test_factual_recall_smoke_matches_models(tmp_path):
     assert set(summary["recall"]) == {"dense", "memory_plus", "moe"}
     assert (tmp_path / "factual_recall_quick.csv").read_text().startswith("model,n_keys")
     assert (tmp_path / "factual_recall_quick_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # --facts-sweep: each model on the 300 facts of the setting and on 500 (more than it holds)
+    assert set(summary["recall_by_facts"]) == {f"{m}@{n}" for m in ("dense", "memory_plus", "moe") for n in (300, 500)}
+    assert (tmp_path / "factual_recall_quick_facts.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_recall_floor_is_the_commonest_answer_of_each_attribute():
