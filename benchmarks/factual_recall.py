@@ -33,7 +33,7 @@ the last line printed is JSON with every figure.
     python benchmarks/factual_recall.py --style numbers            # the same with numeric answers
     python benchmarks/factual_recall.py --sweep --models dense --seeds 1   # recall vs memory size
     python benchmarks/factual_recall.py --facts-sweep --models dense,memory_plus,moe --seeds 1
-    python benchmarks/factual_recall.py --quick --ablate --passes 30       # the recipe's knobs
+    python benchmarks/factual_recall.py --quick --ablate --passes 30 --entities 250   # the recipe's knobs
     python benchmarks/factual_recall.py --facts F.jsonl   # any facts file of >= 1,000 facts
     python benchmarks/factual_recall.py --setting cuda --style numbers --device cuda   # a GPU, 40,000 facts
 """
