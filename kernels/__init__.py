@@ -1,5 +1,6 @@
 """Kernels for product-key memory layers: the weighted value lookup ("embedding bag") and the
-product-key search's selection (``pk_select``).
+product-key search (``pk_search``: tiled scoring, selection and a sparse backward; ``pk_select``:
+the selection alone).
 
 Each token (a bag) reads a few rows of a large value table and sums them with its key-match
 weights, ``out[b] = sum_e w[e] * table[idx[e]]``. The table gradient touches only the rows that
@@ -10,13 +11,14 @@ be used and tested without the rest of ``memray``.
 """
 
 from .embedding_bag import bag_backward, bag_forward, embedding_bag
-from .pk_search import pk_select, pk_select_reference
+from .pk_search import pk_search, pk_select, pk_select_reference
 from .reference import embedding_bag_reference
 from .row_update import lazy_adam_, rowwise_adagrad_, sgd_
 
 __all__ = [
     "embedding_bag",
     "embedding_bag_reference",
+    "pk_search",
     "pk_select",
     "pk_select_reference",
     "bag_forward",

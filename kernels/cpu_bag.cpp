@@ -23,7 +23,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <limits>
+#include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -492,11 +496,12 @@ void sgd(const Tensor& table, const Tensor& rows, const Tensor& row_grads, doubl
 // stops each line once it falls below the current knn-th best: float addition is monotone, so a
 // sum of sorted halves never rises along a line.
 
+// Insertion into a short sorted list: the general path (any k, NaN anywhere).
 template <typename S>
-inline void top_keys(const S* s, int64_t n, int64_t k, S* best, int64_t* index) {
+inline void top_keys_insert(const S* s, int64_t n, int64_t k, S* best, int64_t* index) {
   int64_t filled = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const S v = s[i];
+    const S v = s[i] == s[i] ? s[i] : -std::numeric_limits<S>::infinity();  // NaN ranks as -inf
     if (filled == k && !(v > best[k - 1])) continue;  // not better than the k-th (ties: lower index kept)
     int64_t pos = filled < k ? filled++ : k - 1;
     while (pos > 0 && v > best[pos - 1]) {
@@ -509,16 +514,60 @@ inline void top_keys(const S* s, int64_t n, int64_t k, S* best, int64_t* index) 
   }
 }
 
+// The fast path: split the keys into blocks of kBlock and take the k-th largest block maximum:
+// k blocks hold a key at least that high, so it bounds the k-th score from below. One
+// vectorised pass keeps the keys at or above it (a few times k of n for any smooth
+// distribution), and a sort of those by (score desc, index asc) gives the top k in the same
+// order as the insertion path. Falls back to it where k exceeds the number of blocks or fewer
+// than k keys pass (NaN everywhere).
+template <typename S>
+inline void top_keys(const S* s, int64_t n, int64_t k, S* best, int64_t* index, std::vector<S>& block_max,
+                     std::vector<S>& scratch, std::vector<std::pair<S, int64_t>>& pool) {
+  constexpr int64_t kBlock = 8;
+  const int64_t blocks = n / kBlock;
+  if (k > blocks) return top_keys_insert(s, n, k, best, index);
+  block_max.resize(blocks);
+  for (int64_t b = 0; b < blocks; ++b) {
+    S m = -std::numeric_limits<S>::infinity();
+    for (int64_t d = 0; d < kBlock; ++d) m = s[b * kBlock + d] > m ? s[b * kBlock + d] : m;  // skips NaN
+    block_max[b] = m;
+  }
+  scratch.assign(block_max.begin(), block_max.end());
+  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<S>());
+  const S bar = scratch[k - 1];
+  pool.clear();
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (!(block_max[b] >= bar)) continue;
+    for (int64_t i = b * kBlock; i < (b + 1) * kBlock; ++i) {
+      if (s[i] >= bar) pool.emplace_back(s[i], i);
+    }
+  }
+  for (int64_t i = blocks * kBlock; i < n; ++i) {  // the tail past the last whole block
+    if (s[i] >= bar) pool.emplace_back(s[i], i);
+  }
+  if (static_cast<int64_t>(pool.size()) < k) return top_keys_insert(s, n, k, best, index);
+  auto before = [](const std::pair<S, int64_t>& x, const std::pair<S, int64_t>& y) {
+    return x.first > y.first || (x.first == y.first && x.second < y.second);
+  };
+  std::partial_sort(pool.begin(), pool.begin() + k, pool.end(), before);
+  for (int64_t r = 0; r < k; ++r) {
+    best[r] = pool[r].first;
+    index[r] = pool[r].second;
+  }
+}
+
 template <typename S>
 void pk_select_kernel(const S* scores, int64_t rows, int64_t n_keys, int64_t k1, int64_t knn, int64_t* out1,
-                      int64_t* out2) {
+                      int64_t* out2, S* out_scores) {
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     std::vector<S> s1(k1), s2(k1), kept(knn);
     std::vector<int64_t> i1(k1), i2(k1), slot(knn), a_of(knn), b_of(knn);
+    std::vector<S> block_max, scratch;
+    std::vector<std::pair<S, int64_t>> pool;
     for (int64_t r = r0; r < r1; ++r) {
       const S* row = scores + r * 2 * n_keys;
-      top_keys(row, n_keys, k1, s1.data(), i1.data());
-      top_keys(row + n_keys, n_keys, k1, s2.data(), i2.data());
+      top_keys(row, n_keys, k1, s1.data(), i1.data(), block_max, scratch, pool);
+      top_keys(row + n_keys, n_keys, k1, s2.data(), i2.data(), block_max, scratch, pool);
       // kept[0..filled) sorted best first by (sum desc, slot asc)
       int64_t filled = 0;
       for (int64_t a = 0; a < k1; ++a) {
@@ -547,12 +596,15 @@ void pk_select_kernel(const S* scores, int64_t rows, int64_t n_keys, int64_t k1,
       for (int64_t k = 0; k < knn; ++k) {
         out1[r * knn + k] = i1[a_of[k]];
         out2[r * knn + k] = i2[b_of[k]];
+        // the sum of the two stored half scores (not the NaN-masked copy): what a gather gives
+        if (out_scores != nullptr) out_scores[r * knn + k] = row[i1[a_of[k]]] + row[n_keys + i2[b_of[k]]];
       }
     }
   });
 }
 
-void pk_select(const Tensor& scores, int64_t knn, const Tensor& out1, const Tensor& out2) {
+void pk_select(const Tensor& scores, int64_t knn, const Tensor& out1, const Tensor& out2,
+               const std::optional<Tensor>& out_scores) {
   TORCH_CHECK(scores.dim() == 3 && scores.size(1) == 2 && scores.is_contiguous(),
               "scores must be contiguous [rows, 2, n_keys]");
   const int64_t rows = scores.size(0), n_keys = scores.size(2);
@@ -562,13 +614,112 @@ void pk_select(const Tensor& scores, int64_t knn, const Tensor& out1, const Tens
     TORCH_CHECK(out->scalar_type() == ScalarType::Long && out->is_contiguous() && out->numel() == rows * knn,
                 "outputs must be contiguous int64 [rows, knn]");
   }
+  if (out_scores.has_value()) {
+    TORCH_CHECK(out_scores->scalar_type() == scores.scalar_type() && out_scores->is_contiguous() &&
+                    out_scores->numel() == rows * knn,
+                "out_scores must be contiguous [rows, knn] of the scores' dtype");
+  }
   if (scores.scalar_type() == ScalarType::Float) {
     pk_select_kernel<float>(scores.data_ptr<float>(), rows, n_keys, k1, knn, out1.data_ptr<int64_t>(),
-                            out2.data_ptr<int64_t>());
+                            out2.data_ptr<int64_t>(), out_scores ? out_scores->data_ptr<float>() : nullptr);
   } else {
     TORCH_CHECK(scores.scalar_type() == ScalarType::Double, "scores must be float32 or float64");
     pk_select_kernel<double>(scores.data_ptr<double>(), rows, n_keys, k1, knn, out1.data_ptr<int64_t>(),
-                             out2.data_ptr<int64_t>());
+                             out2.data_ptr<int64_t>(), out_scores ? out_scores->data_ptr<double>() : nullptr);
+  }
+}
+
+// ---- product-key search: the backward of the selected scores ----------------------------------
+//
+// score[t, h, k] = <q[t, h, 0], keys[h, 0, first[t, h, k]]> + <q[t, h, 1], keys[h, 1, second[t, h, k]]>
+// for the knn selected slots only, so its backward touches knn sub-keys per token, head and half
+// instead of all n_keys: dq is a sum of knn sub-key rows per token and half (parallel over
+// tokens), dkeys a sum of query halves per selected sub-key. dkeys is split into units (head,
+// half, block of keys); each unit scans every token in order and owns its rows: no atomics, and
+// the result does not depend on the thread count.
+
+template <typename S>
+void pk_score_backward_kernel(const S* q, const S* keys, const int64_t* first, const int64_t* second,
+                              const S* grad, int64_t tokens, int64_t heads, int64_t n_keys, int64_t half,
+                              int64_t knn, S* dq, S* dkeys) {
+  const int64_t rows = tokens * heads;
+  if (dq != nullptr) {
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t h = r % heads;
+        S* d0 = dq + r * 2 * half;
+        S* d1 = d0 + half;
+        std::fill(d0, d0 + 2 * half, S(0));
+        const S* k0 = keys + (h * 2) * n_keys * half;
+        const S* k1 = k0 + n_keys * half;
+        for (int64_t k = 0; k < knn; ++k) {
+          const S g = grad[r * knn + k];
+          const S* a = k0 + first[r * knn + k] * half;
+          const S* b = k1 + second[r * knn + k] * half;
+          for (int64_t d = 0; d < half; ++d) {
+            d0[d] += g * a[d];
+            d1[d] += g * b[d];
+          }
+        }
+      }
+    });
+  }
+  if (dkeys == nullptr) return;
+  const int64_t lines = heads * 2;
+  const int64_t blocks = std::min<int64_t>(n_keys, std::max<int64_t>(1, (2 * at::get_num_threads() + lines - 1) / lines));
+  const int64_t per = (n_keys + blocks - 1) / blocks;
+  at::parallel_for(0, lines * blocks, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t line = u / blocks, h = line / 2, side = line % 2;
+      const int64_t lo = (u % blocks) * per, hi = std::min(n_keys, lo + per);
+      if (lo >= hi) continue;
+      S* dk = dkeys + line * n_keys * half;
+      std::fill(dk + lo * half, dk + hi * half, S(0));
+      const int64_t* index = side == 0 ? first : second;
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t r = t * heads + h;
+        const S* qv = q + (r * 2 + side) * half;
+        for (int64_t k = 0; k < knn; ++k) {
+          const int64_t key = index[r * knn + k];
+          if (key < lo || key >= hi) continue;
+          const S g = grad[r * knn + k];
+          S* row = dk + key * half;
+          for (int64_t d = 0; d < half; ++d) row[d] += g * qv[d];
+        }
+      }
+    }
+  });
+}
+
+void pk_score_backward(const Tensor& q, const Tensor& keys, const Tensor& first, const Tensor& second,
+                       const Tensor& grad, const std::optional<Tensor>& dq, const std::optional<Tensor>& dkeys) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 2 && q.is_contiguous(), "q must be contiguous [tokens, heads, 2, half]");
+  const int64_t tokens = q.size(0), heads = q.size(1), half = q.size(3);
+  TORCH_CHECK(keys.dim() == 4 && keys.size(0) == heads && keys.size(1) == 2 && keys.size(3) == half &&
+                  keys.is_contiguous() && keys.scalar_type() == q.scalar_type(),
+              "keys must be contiguous [heads, 2, n_keys, half] of q's dtype");
+  const int64_t n_keys = keys.size(2);
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == tokens && grad.size(1) == heads && grad.is_contiguous() &&
+                  grad.scalar_type() == q.scalar_type(),
+              "grad must be contiguous [tokens, heads, knn] of q's dtype");
+  const int64_t knn = grad.size(2);
+  for (const Tensor* index : {&first, &second}) {
+    TORCH_CHECK(index->scalar_type() == ScalarType::Long && index->is_contiguous() && index->sizes() == grad.sizes(),
+                "indices must be contiguous int64 [tokens, heads, knn]");
+  }
+  if (dq.has_value()) TORCH_CHECK(dq->sizes() == q.sizes() && dq->is_contiguous() && dq->scalar_type() == q.scalar_type(), "dq must be like q");
+  if (dkeys.has_value()) TORCH_CHECK(dkeys->sizes() == keys.sizes() && dkeys->is_contiguous() && dkeys->scalar_type() == q.scalar_type(), "dkeys must be like keys");
+  if (q.scalar_type() == ScalarType::Float) {
+    pk_score_backward_kernel<float>(q.data_ptr<float>(), keys.data_ptr<float>(), first.data_ptr<int64_t>(),
+                                    second.data_ptr<int64_t>(), grad.data_ptr<float>(), tokens, heads, n_keys, half,
+                                    knn, dq ? dq->data_ptr<float>() : nullptr,
+                                    dkeys ? dkeys->data_ptr<float>() : nullptr);
+  } else {
+    TORCH_CHECK(q.scalar_type() == ScalarType::Double, "q must be float32 or float64");
+    pk_score_backward_kernel<double>(q.data_ptr<double>(), keys.data_ptr<double>(), first.data_ptr<int64_t>(),
+                                     second.data_ptr<int64_t>(), grad.data_ptr<double>(), tokens, heads, n_keys,
+                                     half, knn, dq ? dq->data_ptr<double>() : nullptr,
+                                     dkeys ? dkeys->data_ptr<double>() : nullptr);
   }
 }
 
@@ -598,5 +749,10 @@ MEMRAY_TORCH_LIBRARY(MEMRAY_CPU_BAG_NS, m) {
       "Tensor row_grads, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled) -> ()",
       &lazy_adam);
   m.def("sgd(Tensor(a!) table, Tensor rows, Tensor row_grads, float lr, float weight_decay) -> ()", &sgd);
-  m.def("pk_select(Tensor scores, int knn, Tensor(a!) out1, Tensor(b!) out2) -> ()", &pk_select);
+  m.def("pk_select(Tensor scores, int knn, Tensor(a!) out1, Tensor(b!) out2, Tensor(c!)? out_scores) -> ()",
+        &pk_select);
+  m.def(
+      "pk_score_backward(Tensor q, Tensor keys, Tensor first, Tensor second, Tensor grad, Tensor(a!)? dq, "
+      "Tensor(b!)? dkeys) -> ()",
+      &pk_score_backward);
 }

@@ -8,7 +8,11 @@ only indices, so the caller gathers the selected scores from its own differentia
 
 Order: higher score first; ties go to the lower key index within a half and to the lower slot
 index ``i * n_keys + j`` among sums: the order of :func:`pk_select_reference`, a brute-force
-stable sort of all slots. NaN scores are never selected.
+stable sort of all slots. A NaN score ranks as -inf: below every number, so it is chosen only
+where a half has fewer than ``k1`` numbers.
+
+:func:`pk_search` fuses the rest of the search around that selection: scoring (a tile of tokens
+at a time) and a backward that touches only the selected sub-keys.
 """
 
 import torch
@@ -32,8 +36,78 @@ def pk_select(half_scores: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.
         raise ValueError(f"knn must be in [1, {min(knn, n_keys) ** 2}], got {knn}")
     first = _alloc.empty(rows, knn, dtype=torch.int64, device="cpu")
     second = _alloc.empty(rows, knn, dtype=torch.int64, device="cpu")
-    ops.pk_select(half_scores.detach().contiguous(), knn, first, second)
+    ops.pk_select(half_scores.detach().contiguous(), knn, first, second, None)
     return first, second
+
+
+# Bytes of half scores scored and selected at a time by pk_search: a tile that stays in the
+# caches between the matmul that writes it and the selection that reads it.
+TILE_BYTES = 2 << 20
+
+
+def pk_search(q: torch.Tensor, keys: torch.Tensor, knn: int):
+    """The whole search, fused: query halves ``q`` [tokens, heads, 2, half] and sub-keys ``keys``
+    [heads, 2, n_keys, half] (fp32 or fp64, on the CPU) -> (first, second, scores), each
+    [tokens, heads, knn], best first: the selected slots are ``first * n_keys + second``, and
+    ``scores`` (differentiable in ``q`` and ``keys``) their summed half scores.
+
+    Half scores are computed a tile of tokens at a time and selected at once, so the
+    [tokens, heads, 2, n_keys] score tensor never exists; the backward touches only the selected
+    sub-keys (``knn`` per token, head and half instead of ``n_keys``). None where the C++ kernels
+    are unavailable or the inputs are not CPU fp32/fp64: the caller then uses torch."""
+    if (
+        q.device.type != "cpu"
+        or keys.device.type != "cpu"
+        or q.dtype not in (torch.float32, torch.float64)
+        or keys.dtype != q.dtype
+    ):
+        return None
+    ops = cpu_ext.load()
+    if ops is None:
+        return None
+    tokens, heads, halves, half = q.shape
+    if halves != 2 or keys.dim() != 4 or tuple(keys.shape[:2]) != (heads, 2) or keys.shape[3] != half:
+        raise ValueError(f"q [tokens, heads, 2, half] and keys [heads, 2, n_keys, half] do not match: "
+                         f"{tuple(q.shape)}, {tuple(keys.shape)}")
+    n_keys = keys.shape[2]
+    if not 1 <= knn <= min(knn, n_keys) ** 2:
+        raise ValueError(f"knn must be in [1, {min(knn, n_keys) ** 2}], got {knn}")
+    return _PKSearch.apply(q, keys, knn, ops)
+
+
+class _PKSearch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, keys, knn, ops):
+        q, keys = q.detach().contiguous(), keys.detach().contiguous()
+        tokens, heads, _, half = q.shape
+        n_keys = keys.shape[2]
+        first = _alloc.empty(tokens, heads, knn, dtype=torch.int64, device="cpu")
+        second = _alloc.empty(tokens, heads, knn, dtype=torch.int64, device="cpu")
+        scores = _alloc.empty(tokens, heads, knn, dtype=q.dtype, device="cpu")
+        step = max(1, TILE_BYTES // (heads * 2 * n_keys * q.element_size()))
+        keys_t = keys.transpose(2, 3)  # [heads, 2, half, n_keys]
+        tile = None
+        for t0 in range(0, tokens, step):
+            t1 = min(tokens, t0 + step)
+            # [heads*2, t, half] @ [heads*2, half, n_keys] -> [t, heads, 2, n_keys] for the selection
+            part = torch.matmul(q[t0:t1].permute(1, 2, 0, 3), keys_t).permute(2, 0, 1, 3)
+            if tile is None or tile.shape[0] != t1 - t0:
+                tile = torch.empty(t1 - t0, heads, 2, n_keys, dtype=q.dtype)
+            tile.copy_(part)
+            ops.pk_select(tile.view(-1, 2, n_keys), knn, first[t0:t1], second[t0:t1], scores[t0:t1])
+        ctx.save_for_backward(q, keys, first, second)
+        ctx.mark_non_differentiable(first, second)
+        ctx.ops = ops
+        return first, second, scores
+
+    @staticmethod
+    def backward(ctx, _first, _second, grad):
+        q, keys, first, second = ctx.saved_tensors
+        want_q, want_keys = ctx.needs_input_grad[:2]
+        dq = _alloc.empty(*q.shape, dtype=q.dtype, device="cpu") if want_q else None
+        dkeys = _alloc.empty(*keys.shape, dtype=keys.dtype, device="cpu") if want_keys else None
+        ctx.ops.pk_score_backward(q, keys, first, second, grad.contiguous(), dq, dkeys)
+        return dq, dkeys, None, None
 
 
 def pk_select_reference(half_scores: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:

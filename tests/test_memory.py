@@ -1,5 +1,6 @@
 """The memory layer against brute force and against a float64 reference written here."""
 
+import importlib
 import math
 
 import pytest
@@ -35,7 +36,8 @@ def test_topk_equals_brute_force(n_keys, knn, heads, qk_norm):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "rows,n_keys,knn", [(1, 1, 1), (9, 3, 9), (40, 7, 5), (33, 5, 20), (64, 128, 16), (8, 300, 32)]
+    "rows,n_keys,knn",
+    [(1, 1, 1), (9, 3, 9), (40, 7, 5), (33, 5, 20), (64, 128, 16), (8, 300, 32), (16, 203, 3), (6, 1024, 32)],
 )
 def test_cpp_selection_equals_brute_force_ties_included(rows, n_keys, knn, dtype):
     """The C++ selection against a stable sort of all n_keys**2 slots: on random scores and on
@@ -51,16 +53,57 @@ def test_cpp_selection_equals_brute_force_ties_included(rows, n_keys, knn, dtype
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_cpp_selection_never_picks_nan():
+@pytest.mark.parametrize("n_keys,knn", [(6, 5), (1024, 32)])
+def test_cpp_selection_ranks_nan_below_every_number(n_keys, knn):
+    """NaN ranks as -inf, as in the brute-force order: never chosen while a half has knn numbers
+    (both the insertion path and the blocked path of the C++ selection)."""
     from memray.kernels import cpu_ext
-    from memray.kernels.pk_search import pk_select
+    from memray.kernels.pk_search import pk_select, pk_select_reference
 
     if not cpu_ext.available():
         pytest.skip(f"C++ kernels unavailable: {cpu_ext.load_error}")
-    scores = torch.randn(4, 2, 6)
+    scores = torch.randn(4, 2, n_keys, generator=torch.Generator().manual_seed(n_keys))
     scores[:, 0, 2] = float("nan")
-    i, _ = pk_select(scores, 5)
-    assert not (i == 2).any()
+    scores[0, 0, 0] = float("nan")  # first in its half: before the list of best keys is full
+    scores[1, 1, : n_keys // 2] = float("nan")
+    scores[2, 1, : n_keys - 3] = float("nan")  # three numbers left: fewer than knn in that half
+    i, j = pk_select(scores, knn)
+    want_i, want_j = pk_select_reference(scores, knn)
+    assert torch.equal(i, want_i) and torch.equal(j, want_j)
+    assert not (i[:, :] == 2).any() and not (i[0] == 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tokens,heads,n_keys,half,knn", [(1, 1, 1, 1, 1), (37, 3, 7, 5, 20), (50, 2, 300, 4, 32)])
+def test_fused_search_equals_brute_force_and_its_gradients(tokens, heads, n_keys, half, knn, dtype, monkeypatch):
+    """pk_search (tiles of a few tokens here, the last one ragged) selects what a stable sort of
+    all slots selects, returns those slots' summed half scores, and its sparse backward equals
+    autograd through the dense half scores."""
+    from memray.kernels import cpu_ext
+
+    module = importlib.import_module("memray.kernels.pk_search")  # the package exports a function of that name
+    if not cpu_ext.available():
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.load_error}")
+    monkeypatch.setattr(module, "TILE_BYTES", 7 * heads * 2 * n_keys * (4 if dtype == torch.float32 else 8))
+    g = torch.Generator().manual_seed(tokens + n_keys)
+    q = torch.randn(tokens, heads, 2, half, dtype=dtype, generator=g, requires_grad=True)
+    keys = torch.randn(heads, 2, n_keys, half, dtype=dtype, generator=g, requires_grad=True)
+    # float64: equal to rounding; float32: torch's default closeness (sums run in another order)
+    tol = {"atol": 1e-12, "rtol": 0} if dtype == torch.float64 else {}
+    first, second, scores = module.pk_search(q, keys, knn)
+    half_scores = torch.einsum("thsd,hsnd->thsn", q, keys)
+    want_i, want_j = module.pk_select_reference(half_scores.detach().flatten(0, 1), knn)
+    assert torch.equal(first.flatten(0, 1), want_i) and torch.equal(second.flatten(0, 1), want_j)
+    want = half_scores[:, :, 0].gather(-1, first) + half_scores[:, :, 1].gather(-1, second)
+    torch.testing.assert_close(scores, want, **tol)
+    upstream = torch.randn(scores.shape, dtype=dtype, generator=g)
+    got = torch.autograd.grad((scores * upstream).sum(), (q, keys))
+    expected = torch.autograd.grad((want * upstream).sum(), (q, keys))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **tol)
+    # frozen sub-keys: only the query's gradient is computed
+    (dq,) = torch.autograd.grad((module.pk_search(q, keys.detach(), knn)[2] * upstream).sum(), (q,))
+    torch.testing.assert_close(dq, expected[0], **tol)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memray.errors import ConfigError
-from memray.kernels.pk_search import pk_select
+from memray.kernels.pk_search import pk_search
 
 from .values import ValueTable, ValueTableBase
 
@@ -196,12 +196,13 @@ class ProductKeyMemory(nn.Module):
 
     def _search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
+        if c.backend != "torch":
+            with torch.autocast(x.device.type, enabled=False):
+                fused = pk_search(self._queries(x.reshape(-1, self.dim)), self._subkeys(), c.knn)
+            if fused is not None:  # the C++ search: tiled scoring, selection, sparse backward
+                first, second, scores = fused
+                return first * c.n_keys + second, scores
         s = self._half_scores(x)  # [T, H, 2, n_keys]
-        picked = pk_select(s.detach().flatten(0, 1), c.knn) if c.backend != "torch" else None
-        if picked is not None:  # the C++ selection; the scores are gathered here, so they keep autograd
-            i, j = (t.view(*s.shape[:2], c.knn) for t in picked)
-            scores = s[:, :, 0].gather(-1, i) + s[:, :, 1].gather(-1, j)
-            return i * c.n_keys + j, scores
         k1 = min(c.knn, c.n_keys)
         s1, i1 = s[:, :, 0].topk(k1, dim=-1)  # [T, H, k1]
         s2, i2 = s[:, :, 1].topk(k1, dim=-1)
