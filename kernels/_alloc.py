@@ -7,13 +7,16 @@ buffer ("NaN poisoning") and see any element a kernel failed to write.
 Large CPU outputs (the table gradient of a step: hundreds of MB) are fresh memory every step,
 and first-touch page faults on 4 KiB pages cost more than the kernel that fills them (about
 40 ms per 238 MB on a 2-core VM, where writing the same bytes takes 14 ms). Such buffers are
-therefore advised to the kernel as transparent-huge-page candidates before their first touch;
-where THP is unavailable the advice is a no-op.
+therefore advised to the kernel as transparent-huge-page candidates before their first touch
+(where THP is unavailable the advice is a no-op), and kept in a small pool once freed: the next
+step's buffer of about the same size reuses pages that are already mapped and touched, with no
+fault at all. A pooled buffer is handed out again only when nothing else holds its storage.
 """
 
 import ctypes
 import math
 import sys
+import threading
 
 import torch
 
@@ -23,6 +26,11 @@ _HUGE_PAGE_MIN_BYTES = 32 << 20
 _MADV_HUGEPAGE = 14  # Linux, every architecture
 
 _madvise = None
+# Freed large buffers kept for reuse, least recently used first, at most _POOL_SIZE of them; a
+# buffer serves a request of at least half its size, so little of a reused buffer lies idle.
+_POOL_SIZE = 8
+_pool: list[torch.Tensor] = []
+_pool_lock = threading.Lock()
 
 
 def _get_madvise():
@@ -40,12 +48,32 @@ def _get_madvise():
     return _madvise
 
 
+def _unused(raw: torch.Tensor) -> bool:
+    """Nothing but the pool holds ``raw``'s storage: no view of it is alive. (The storage's use
+    count is the pool's tensor plus the wrapper made to ask.)"""
+    return torch._C._storage_Use_Count(raw.untyped_storage()._cdata) <= 2
+
+
 def _empty_huge_pages(shape, dtype, nbytes):
-    """An uninitialised CPU tensor whose pages are advised MADV_HUGEPAGE before first touch."""
-    raw = torch.empty(nbytes + _HUGE_PAGE, dtype=torch.uint8)
+    """An uninitialised CPU tensor: a free pooled buffer of about its size, else fresh memory,
+    2 MiB aligned and advised MADV_HUGEPAGE before its first touch."""
+    with _pool_lock:
+        for i, raw in enumerate(_pool):
+            if nbytes <= raw.numel() - _HUGE_PAGE <= 2 * nbytes and _unused(raw):
+                _pool.append(_pool.pop(i))
+                break
+        else:
+            raw = torch.empty(nbytes + _HUGE_PAGE, dtype=torch.uint8)
+            start = (-raw.data_ptr()) % _HUGE_PAGE
+            length = (raw.numel() - start) // _HUGE_PAGE * _HUGE_PAGE
+            _get_madvise()(raw.data_ptr() + start, length, _MADV_HUGEPAGE)  # advice only: failure changes nothing
+            if len(_pool) >= _POOL_SIZE:  # drop the least recently used free buffer, if any
+                free = next((j for j, old in enumerate(_pool) if _unused(old)), None)
+                if free is not None:
+                    _pool.pop(free)
+            if len(_pool) < _POOL_SIZE:
+                _pool.append(raw)
     start = (-raw.data_ptr()) % _HUGE_PAGE
-    length = (nbytes + _HUGE_PAGE - start) // _HUGE_PAGE * _HUGE_PAGE
-    _get_madvise()(raw.data_ptr() + start, length, _MADV_HUGEPAGE)  # advice only: failure changes nothing
     return raw[start : start + nbytes].view(dtype).view(shape)
 
 

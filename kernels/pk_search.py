@@ -67,8 +67,10 @@ def pk_search(q: torch.Tensor, keys: torch.Tensor, knn: int):
         return None
     tokens, heads, halves, half = q.shape
     if halves != 2 or keys.dim() != 4 or tuple(keys.shape[:2]) != (heads, 2) or keys.shape[3] != half:
-        raise ValueError(f"q [tokens, heads, 2, half] and keys [heads, 2, n_keys, half] do not match: "
-                         f"{tuple(q.shape)}, {tuple(keys.shape)}")
+        raise ValueError(
+            f"q [tokens, heads, 2, half] and keys [heads, 2, n_keys, half] do not match: "
+            f"{tuple(q.shape)}, {tuple(keys.shape)}"
+        )
     n_keys = keys.shape[2]
     if not 1 <= knn <= min(knn, n_keys) ** 2:
         raise ValueError(f"knn must be in [1, {min(knn, n_keys) ** 2}], got {knn}")

@@ -364,6 +364,35 @@ def test_nan_poisoning(backend, dtype, monkeypatch):
     assert_close(grad_table.to_dense(), ref_gt, dtype=dtype)
 
 
+def test_large_outputs_reuse_a_free_buffer_and_never_a_live_one(monkeypatch):
+    """Large CPU outputs come from a pool of freed buffers: a buffer is handed out again once
+    nothing holds its storage, never while any tensor (a view included) still does."""
+    monkeypatch.setattr(_alloc, "_HUGE_PAGE_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(_alloc, "_pool", [])
+    size = 3 << 20
+    first = _alloc.empty(size // 4, dtype=torch.float32, device="cpu")
+    first.fill_(1.0)
+    address = first.data_ptr()
+    second = _alloc.empty(size // 4, dtype=torch.float32, device="cpu")
+    assert second.data_ptr() != address  # first is alive
+    view = first[5:]
+    del first
+    third = _alloc.empty(size // 4, dtype=torch.float32, device="cpu")
+    assert third.data_ptr() != address  # a view of it is alive
+    assert torch.equal(view, torch.ones(size // 4 - 5))  # and was left alone
+    del view
+    fourth = _alloc.empty(size // 4 - 100, dtype=torch.float32, device="cpu")
+    assert fourth.data_ptr() == address  # free now: reused
+    del fourth
+    small = _alloc.empty((5 << 20) // 16, dtype=torch.float32, device="cpu")  # 1.25 MiB
+    assert small.data_ptr() != address  # a buffer over twice the request is not spent on it
+    assert _alloc.empty(size // 4, dtype=torch.float32, device="cpu").data_ptr() == address
+    # the pool is bounded: buffers beyond it are plain fresh memory
+    held = [_alloc.empty(size // 4, dtype=torch.float32, device="cpu") for _ in range(2 * _alloc._POOL_SIZE)]
+    assert len(_alloc._pool) <= _alloc._POOL_SIZE
+    assert len({t.data_ptr() for t in held}) == len(held)
+
+
 # ------------------------------------------------------------------------------------------------
 # API contract
 # ------------------------------------------------------------------------------------------------

@@ -195,14 +195,20 @@ class ProductKeyMemory(nn.Module):
             return torch.einsum("thsd,hsnd->thsn", q, self._subkeys())
 
     def _search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.select(self._queries(x.reshape(-1, self.dim)), self._subkeys())
+
+    def select(self, q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The search from query halves ``q`` [tokens, heads, 2, half] and sub-keys ``keys``
+        [heads, 2, n_keys, half]: (slots [tokens, heads, knn] int64, their scores), best first.
+        On the CPU the fused C++ search (``kernels.pk_search``); elsewhere, or with
+        ``backend: torch``, torch ops over the full half scores."""
         c = self.config
-        if c.backend != "torch":
-            with torch.autocast(x.device.type, enabled=False):
-                fused = pk_search(self._queries(x.reshape(-1, self.dim)), self._subkeys(), c.knn)
-            if fused is not None:  # the C++ search: tiled scoring, selection, sparse backward
-                first, second, scores = fused
-                return first * c.n_keys + second, scores
-        s = self._half_scores(x)  # [T, H, 2, n_keys]
+        fused = pk_search(q, keys, c.knn) if c.backend != "torch" else None
+        if fused is not None:  # tiled scoring, the C++ selection, a backward over the selected keys
+            first, second, scores = fused
+            return first * c.n_keys + second, scores
+        s = torch.einsum("thsd,hsnd->thsn", q, keys)  # [T, H, 2, n_keys]
         k1 = min(c.knn, c.n_keys)
         s1, i1 = s[:, :, 0].topk(k1, dim=-1)  # [T, H, k1]
         s2, i2 = s[:, :, 1].topk(k1, dim=-1)
