@@ -165,6 +165,8 @@ def measure_shape(dim: int, n_keys: int, tokens: int, reps: int, device: torch.d
             times[name, "fwd_bwd"].append(timed(lambda: run(layer, name, x, True), device))
             if name != "lucidrains":
                 times[name, "search"].append(timed(lambda: search_once(layer, name, x), device))
+            else:  # the OS returns its dense [N, D] gradient (up to 4 GiB) before the next variant runs
+                time.sleep(0.5)
     rows = []
     for name, layer in layers.items():
         rows.append(

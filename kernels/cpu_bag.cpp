@@ -557,17 +557,19 @@ inline void top_keys(const S* s, int64_t n, int64_t k, S* best, int64_t* index, 
 }
 
 template <typename S>
-void pk_select_kernel(const S* scores, int64_t rows, int64_t n_keys, int64_t k1, int64_t knn, int64_t* out1,
-                      int64_t* out2, S* out_scores) {
+void pk_select_kernel(const S* scores, int64_t rows, int64_t heads, int64_t stride_t, int64_t stride_h,
+                      int64_t stride_half, int64_t n_keys, int64_t k1, int64_t knn, int64_t* out1, int64_t* out2,
+                      S* out_scores) {
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     std::vector<S> s1(k1), s2(k1), kept(knn);
     std::vector<int64_t> i1(k1), i2(k1), slot(knn), a_of(knn), b_of(knn);
     std::vector<S> block_max, scratch;
     std::vector<std::pair<S, int64_t>> pool;
     for (int64_t r = r0; r < r1; ++r) {
-      const S* row = scores + r * 2 * n_keys;
+      const S* row = scores + (r / heads) * stride_t + (r % heads) * stride_h;  // row r = token * heads + head
+      const S* other = row + stride_half;
       top_keys(row, n_keys, k1, s1.data(), i1.data(), block_max, scratch, pool);
-      top_keys(row + n_keys, n_keys, k1, s2.data(), i2.data(), block_max, scratch, pool);
+      top_keys(other, n_keys, k1, s2.data(), i2.data(), block_max, scratch, pool);
       // kept[0..filled) sorted best first by (sum desc, slot asc)
       int64_t filled = 0;
       for (int64_t a = 0; a < k1; ++a) {
@@ -597,17 +599,19 @@ void pk_select_kernel(const S* scores, int64_t rows, int64_t n_keys, int64_t k1,
         out1[r * knn + k] = i1[a_of[k]];
         out2[r * knn + k] = i2[b_of[k]];
         // the sum of the two stored half scores (not the NaN-masked copy): what a gather gives
-        if (out_scores != nullptr) out_scores[r * knn + k] = row[i1[a_of[k]]] + row[n_keys + i2[b_of[k]]];
+        if (out_scores != nullptr) out_scores[r * knn + k] = row[i1[a_of[k]]] + other[i2[b_of[k]]];
       }
     }
   });
 }
 
+// scores: [tokens, heads, 2, n_keys] with any strides but a contiguous last dimension (a matmul's
+// output viewed in that order needs no copy); outputs [tokens * heads, knn], row = token * heads + head.
 void pk_select(const Tensor& scores, int64_t knn, const Tensor& out1, const Tensor& out2,
                const std::optional<Tensor>& out_scores) {
-  TORCH_CHECK(scores.dim() == 3 && scores.size(1) == 2 && scores.is_contiguous(),
-              "scores must be contiguous [rows, 2, n_keys]");
-  const int64_t rows = scores.size(0), n_keys = scores.size(2);
+  TORCH_CHECK(scores.dim() == 4 && scores.size(2) == 2 && scores.stride(3) == 1,
+              "scores must be [tokens, heads, 2, n_keys] with a contiguous last dimension");
+  const int64_t heads = scores.size(1), rows = scores.size(0) * heads, n_keys = scores.size(3);
   const int64_t k1 = std::min(knn, n_keys);
   TORCH_CHECK(knn >= 1 && knn <= k1 * k1, "knn must be in [1, min(knn, n_keys)**2]");
   for (const Tensor* out : {&out1, &out2}) {
@@ -619,13 +623,16 @@ void pk_select(const Tensor& scores, int64_t knn, const Tensor& out1, const Tens
                     out_scores->numel() == rows * knn,
                 "out_scores must be contiguous [rows, knn] of the scores' dtype");
   }
+  const int64_t st = scores.stride(0), sh = scores.stride(1), s2 = scores.stride(2);
   if (scores.scalar_type() == ScalarType::Float) {
-    pk_select_kernel<float>(scores.data_ptr<float>(), rows, n_keys, k1, knn, out1.data_ptr<int64_t>(),
-                            out2.data_ptr<int64_t>(), out_scores ? out_scores->data_ptr<float>() : nullptr);
+    pk_select_kernel<float>(scores.data_ptr<float>(), rows, heads, st, sh, s2, n_keys, k1, knn,
+                            out1.data_ptr<int64_t>(), out2.data_ptr<int64_t>(),
+                            out_scores ? out_scores->data_ptr<float>() : nullptr);
   } else {
     TORCH_CHECK(scores.scalar_type() == ScalarType::Double, "scores must be float32 or float64");
-    pk_select_kernel<double>(scores.data_ptr<double>(), rows, n_keys, k1, knn, out1.data_ptr<int64_t>(),
-                             out2.data_ptr<int64_t>(), out_scores ? out_scores->data_ptr<double>() : nullptr);
+    pk_select_kernel<double>(scores.data_ptr<double>(), rows, heads, st, sh, s2, n_keys, k1, knn,
+                             out1.data_ptr<int64_t>(), out2.data_ptr<int64_t>(),
+                             out_scores ? out_scores->data_ptr<double>() : nullptr);
   }
 }
 

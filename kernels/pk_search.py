@@ -36,7 +36,7 @@ def pk_select(half_scores: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.
         raise ValueError(f"knn must be in [1, {min(knn, n_keys) ** 2}], got {knn}")
     first = _alloc.empty(rows, knn, dtype=torch.int64, device="cpu")
     second = _alloc.empty(rows, knn, dtype=torch.int64, device="cpu")
-    ops.pk_select(half_scores.detach().contiguous(), knn, first, second, None)
+    ops.pk_select(half_scores.detach().contiguous().unsqueeze(1), knn, first, second, None)
     return first, second
 
 
@@ -88,15 +88,15 @@ class _PKSearch(torch.autograd.Function):
         scores = _alloc.empty(tokens, heads, knn, dtype=q.dtype, device="cpu")
         step = max(1, TILE_BYTES // (heads * 2 * n_keys * q.element_size()))
         keys_t = keys.transpose(2, 3)  # [heads, 2, half, n_keys]
+        q_t = q.permute(1, 2, 0, 3).contiguous()  # [heads, 2, tokens, half]: each tile a strided batch
         tile = None
         for t0 in range(0, tokens, step):
             t1 = min(tokens, t0 + step)
-            # [heads*2, t, half] @ [heads*2, half, n_keys] -> [t, heads, 2, n_keys] for the selection
-            part = torch.matmul(q[t0:t1].permute(1, 2, 0, 3), keys_t).permute(2, 0, 1, 3)
-            if tile is None or tile.shape[0] != t1 - t0:
-                tile = torch.empty(t1 - t0, heads, 2, n_keys, dtype=q.dtype)
-            tile.copy_(part)
-            ops.pk_select(tile.view(-1, 2, n_keys), knn, first[t0:t1], second[t0:t1], scores[t0:t1])
+            if tile is None or tile.shape[2] != t1 - t0:
+                tile = torch.empty(heads, 2, t1 - t0, n_keys, dtype=q.dtype)
+            # [heads, 2, t, half] @ [heads, 2, half, n_keys], selected in place as [t, heads, 2, n_keys]
+            torch.matmul(q_t[:, :, t0:t1], keys_t, out=tile)
+            ops.pk_select(tile.permute(2, 0, 1, 3), knn, first[t0:t1], second[t0:t1], scores[t0:t1])
         ctx.save_for_backward(q, keys, first, second)
         ctx.mark_non_differentiable(first, second)
         ctx.ops = ops
