@@ -64,9 +64,9 @@ def _empty_huge_pages(shape, dtype, nbytes):
                 break
         else:
             raw = torch.empty(nbytes + _HUGE_PAGE, dtype=torch.uint8)
-            start = (-raw.data_ptr()) % _HUGE_PAGE
-            length = (raw.numel() - start) // _HUGE_PAGE * _HUGE_PAGE
-            _get_madvise()(raw.data_ptr() + start, length, _MADV_HUGEPAGE)  # advice only: failure changes nothing
+            aligned = raw[(-raw.data_ptr()) % _HUGE_PAGE :]
+            length = aligned.numel() // _HUGE_PAGE * _HUGE_PAGE
+            _get_madvise()(aligned.data_ptr(), length, _MADV_HUGEPAGE)  # advice only: failure changes nothing
             if len(_pool) >= _POOL_SIZE:  # drop the least recently used free buffer, if any
                 free = next((j for j, old in enumerate(_pool) if _unused(old)), None)
                 if free is not None:

@@ -20,6 +20,11 @@ import torch
 from . import _alloc, cpu_ext
 
 
+def _check_knn(knn: int, n_keys: int) -> None:
+    if not 1 <= knn <= min(knn, n_keys) ** 2:
+        raise ValueError(f"knn must be in [1, {min(knn, n_keys) ** 2}], got {knn}")
+
+
 def pk_select(half_scores: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``half_scores`` [rows, 2, n_keys] fp32/fp64 on the CPU -> (i, j) [rows, knn] int64: the
     selected slots ``i * n_keys + j``, best first. None where the C++ kernels are unavailable (or
@@ -32,8 +37,7 @@ def pk_select(half_scores: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.
     rows, halves, n_keys = half_scores.shape
     if halves != 2:
         raise ValueError(f"half_scores must be [rows, 2, n_keys], got {tuple(half_scores.shape)}")
-    if not 1 <= knn <= min(knn, n_keys) ** 2:
-        raise ValueError(f"knn must be in [1, {min(knn, n_keys) ** 2}], got {knn}")
+    _check_knn(knn, n_keys)
     first = _alloc.empty(rows, knn, dtype=torch.int64, device="cpu")
     second = _alloc.empty(rows, knn, dtype=torch.int64, device="cpu")
     ops.pk_select(half_scores.detach().contiguous().unsqueeze(1), knn, first, second, None)
@@ -71,9 +75,7 @@ def pk_search(q: torch.Tensor, keys: torch.Tensor, knn: int):
             f"q [tokens, heads, 2, half] and keys [heads, 2, n_keys, half] do not match: "
             f"{tuple(q.shape)}, {tuple(keys.shape)}"
         )
-    n_keys = keys.shape[2]
-    if not 1 <= knn <= min(knn, n_keys) ** 2:
-        raise ValueError(f"knn must be in [1, {min(knn, n_keys) ** 2}], got {knn}")
+    _check_knn(knn, keys.shape[2])
     return _PKSearch.apply(q, keys, knn, ops)
 
 

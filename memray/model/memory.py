@@ -88,6 +88,11 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _half_scores_of(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Query halves [T, H, 2, half] against sub-keys [H, 2, n_keys, half] -> [T, H, 2, n_keys]."""
+    return torch.einsum("thsd,hsnd->thsn", q, keys)
+
+
 def _rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -192,7 +197,7 @@ class ProductKeyMemory(nn.Module):
         """Scores of each half against its sub-keys: [tokens, heads, 2, n_keys] fp32."""
         with torch.autocast(x.device.type, enabled=False):
             q = self._queries(x.reshape(-1, self.dim))
-            return torch.einsum("thsd,hsnd->thsn", q, self._subkeys())
+            return _half_scores_of(q, self._subkeys())
 
     def _search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(x.device.type, enabled=False):
@@ -208,7 +213,7 @@ class ProductKeyMemory(nn.Module):
         if fused is not None:  # tiled scoring, the C++ selection, a backward over the selected keys
             first, second, scores = fused
             return first * c.n_keys + second, scores
-        s = torch.einsum("thsd,hsnd->thsn", q, keys)  # [T, H, 2, n_keys]
+        s = _half_scores_of(q, keys)  # [T, H, 2, n_keys]
         k1 = min(c.knn, c.n_keys)
         s1, i1 = s[:, :, 0].topk(k1, dim=-1)  # [T, H, k1]
         s2, i2 = s[:, :, 1].topk(k1, dim=-1)
