@@ -18,14 +18,21 @@ Methods:
 * ``torch_sparse_adam`` — ``F.embedding_bag(sparse=True)`` and ``torch.optim.SparseAdam``.
 * ``memray_<optimizer>`` — ``memray.kernels.embedding_bag`` (row-sparse gradient) and each
   row-sparse optimizer of ``memray.optim``.
+* ``memray_<optimizer>_in_backward`` — the same rule applied by the lookup's backward as it sums
+  each row's gradient (``RowSparseOptimizer.update_in_backward``, ``optim.value_update:
+  backward``): each touched row read and written once, no stored row gradient. Row-wise Adagrad's
+  is timed interleaved with ``memray_rowwise_adagrad`` and both copy floors.
 * ``copy_floor`` — ``dst.copy_(src)`` of a buffer of half the bytes the row-wise Adagrad step
-  must touch (a copy reads and writes each byte once, so it moves exactly those bytes).
+  must touch (a copy reads and writes each byte once, so it moves exactly those bytes);
+  ``copy_floor_in_backward`` the same for the bytes the in-backward step must touch.
 
 Bytes the row-wise Adagrad step must touch (U = distinct rows read, b = 4 bytes per value):
 forward: indices+weights 12·nnz, gathered rows nnz·D·b, output B·D·4; backward: upstream
 gradient B·D·4, indices+weights 12·nnz, weight gradients 4·nnz, each touched row once U·D·b,
 row gradients and ids U·(D·4 + 8); optimizer: row gradients U·D·4, rows read and written
-2·U·D·b, accumulators read and written 2·U·4.
+2·U·D·b, accumulators read and written 2·U·4. In backward: the same forward; upstream gradient,
+indices, weights and their gradients as above, each touched row read and written 2·U·D·b,
+accumulators 2·U·4 and the rows' squared gradient norms U·4.
 
 All timings come from this one process; memray_rowwise_adagrad and copy_floor are interleaved
 round by round. Medians are reported; ratios compare numbers of the same run.
@@ -37,6 +44,7 @@ round by round. Medians are reported; ratios compare numbers of the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -101,6 +109,12 @@ def touched_bytes(nnz: int, bags: int, unique: int, dim: int, b: int = 4) -> int
     return forward + backward + optimizer
 
 
+def touched_bytes_in_backward(nnz: int, bags: int, unique: int, dim: int, b: int = 4) -> int:
+    forward = 12 * nnz + nnz * dim * b + bags * dim * 4
+    backward = bags * dim * 4 + 12 * nnz + 4 * nnz + 2 * unique * dim * b + 2 * unique * 4 + unique * 4
+    return forward + backward
+
+
 def timed(fns: dict, reps: int, device: torch.device) -> dict[str, float]:
     """Median seconds of each callable after warm-up calls; rounds interleave the callables.
 
@@ -145,6 +159,10 @@ class Step:
             self.lookup = lambda w: F.embedding_bag(
                 flat, self.table, offsets, mode="sum", per_sample_weights=w.reshape(-1), sparse=True
             )
+        elif method.endswith("_in_backward"):
+            self.optimizer = MEMRAY_OPTIMIZERS[method.removeprefix("memray_").removesuffix("_in_backward")](self.table)
+            update = self.optimizer.update_in_backward(self.table)
+            self.lookup = lambda w: embedding_bag(indices, w, self.table, row_update=update)
         else:
             self.optimizer = MEMRAY_OPTIMIZERS[method.removeprefix("memray_")](self.table)
             self.lookup = lambda w: embedding_bag(indices, w, self.table)
@@ -178,7 +196,9 @@ def main(argv=None) -> dict:
     log2_rows = args.log2_rows or ([16, 20, 22] if args.quick else [16, 18, 20, 22])
     methods = args.methods or ["dense_adamw", "dense_adamw_fused", "torch_sparse_adam"] + [
         f"memray_{n}" for n in MEMRAY_OPTIMIZERS
-    ]
+    ] + ["memray_lazy_adam_in_backward"]
+    # timed with memray_rowwise_adagrad, interleaved
+    paired = "memray_rowwise_adagrad_in_backward"
     gen = torch.Generator().manual_seed(0)
     info = machine_info(device)
     rows = []
@@ -190,6 +210,7 @@ def main(argv=None) -> dict:
         upstream = torch.randn(TOKENS, dim, generator=gen).to(device)
         unique = torch.unique(indices).numel()
         nbytes = touched_bytes(indices.numel(), TOKENS, unique, dim)
+        nbytes_in_backward = touched_bytes_in_backward(indices.numel(), TOKENS, unique, dim)
         results = {}
         for method in methods:
             need, free = memory_needed(method, num_rows, dim), memory_available(device)
@@ -197,21 +218,19 @@ def main(argv=None) -> dict:
                 skipped.append(f"{method} at 2^{k}: needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
                 print(f"2^{k}: {method} skipped ({skipped[-1]})", file=sys.stderr, flush=True)
                 continue
-            step = Step(method, num_rows, indices, weights, upstream)
-            fns = {method: step}
+            fns = {method: Step(method, num_rows, indices, weights, upstream)}
             if method == "memray_rowwise_adagrad":
-                src = torch.empty(nbytes // 8, device=device).uniform_()
-                dst = torch.zeros_like(src)
-                fns["copy_floor"] = lambda: dst.copy_(src)
-            results.update(timed(fns, reps, device))
-            del step, fns
+                fns[paired] = Step(paired, num_rows, indices, weights, upstream)
+                for floor, size in (("copy_floor", nbytes), ("copy_floor_in_backward", nbytes_in_backward)):
+                    src = torch.empty(size // 8, device=device).uniform_()
+                    dst = torch.zeros_like(src)
+                    fns[floor] = functools.partial(dst.copy_, src)
+            timings = timed(fns, reps, device)
+            results.update(timings)
+            del fns
             gc.collect()
-            print(
-                f"2^{k}: "
-                + ", ".join(f"{m} {results[m] * 1e3:.1f} ms" for m in results if m in (method, "copy_floor")),
-                file=sys.stderr,
-                flush=True,
-            )
+            line = ", ".join(f"{m} {t * 1e3:.1f} ms" for m, t in timings.items())
+            print(f"2^{k}: {line}", file=sys.stderr, flush=True)
         for method, seconds in results.items():
             rows.append(
                 {
@@ -219,7 +238,7 @@ def main(argv=None) -> dict:
                     "method": method,
                     "ms": seconds * 1e3,
                     "unique_rows": unique,
-                    "touched_MB": nbytes / 1e6,
+                    "touched_MB": (nbytes_in_backward if "in_backward" in method else nbytes) / 1e6,
                     "x_rowwise_adagrad": seconds / results.get("memray_rowwise_adagrad", float("nan")),
                 }
             )
@@ -248,7 +267,15 @@ def main(argv=None) -> dict:
         "floor_ratio_2p22": ratio((22, "memray_rowwise_adagrad"), (22, "copy_floor")),
         "floor_ratio_2p16": ratio((16, "memray_rowwise_adagrad"), (16, "copy_floor")),
         "floor_ratio_flatness_2p22_over_2p16": None,
+        # the update in the lookup's backward: against the step's floor above, and against its own
+        "speedup_in_backward_2p22": ratio((22, "memray_rowwise_adagrad"), (22, paired)),
+        "speedup_vs_fused_dense_in_backward_2p22": ratio((22, "dense_adamw_fused"), (22, paired)),
+        "floor_ratio_in_backward_2p20": ratio((20, paired), (20, "copy_floor")),
+        "floor_ratio_in_backward_2p22": ratio((22, paired), (22, "copy_floor")),
+        "own_floor_ratio_in_backward_2p22": ratio((22, paired), (22, "copy_floor_in_backward")),
+        "speedup_lazy_adam_in_backward_2p22": ratio((22, "memray_lazy_adam"), (22, "memray_lazy_adam_in_backward")),
         "rowwise_adagrad_ms": {f"2^{k}": by.get((k, "memray_rowwise_adagrad")) for k in log2_rows},
+        "rowwise_adagrad_in_backward_ms": {f"2^{k}": by.get((k, paired)) for k in log2_rows},
         "skipped": skipped,
     }
     if summary["floor_ratio_2p22"] and summary["floor_ratio_2p16"]:

@@ -10,13 +10,16 @@ This package imports only torch (and triton, lazily, when the Triton backend run
 be used and tested without the rest of ``memray``.
 """
 
+from ._alloc import empty_huge_pages
 from .embedding_bag import bag_backward, bag_forward, embedding_bag
 from .pk_search import pk_search, pk_select, pk_select_reference
 from .reference import embedding_bag_reference
-from .row_update import lazy_adam_, rowwise_adagrad_, sgd_
+from .row_update import BackwardRowUpdate, lazy_adam_, rowwise_adagrad_, sgd_
 
 __all__ = [
+    "BackwardRowUpdate",
     "embedding_bag",
+    "empty_huge_pages",
     "embedding_bag_reference",
     "pk_search",
     "pk_select",

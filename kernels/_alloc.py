@@ -77,6 +77,28 @@ def _empty_huge_pages(shape, dtype, nbytes):
     return raw[start : start + nbytes].view(dtype).view(shape)
 
 
+def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """Advises the 2 MiB-aligned interior of a large CPU tensor's memory as transparent-huge-page
+    candidates and returns ``t``; call it before the memory is first touched.
+
+    For value tables and their [N, D] optimizer state: a step reads and writes rows scattered
+    over GBs, and with 4 KiB pages nearly every row costs a TLB miss (measured at 2^22 x 256
+    fp32 on a 2-core VM: the forward 22 -> 18 ms, the lookup with the row update in its backward
+    72 -> 61 ms). Advice only: where THP is unavailable nothing changes."""
+    if t.device.type == "cpu" and t.numel() * t.element_size() >= _HUGE_PAGE_MIN_BYTES and _get_madvise():
+        start = t.data_ptr()
+        first = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+        last = (start + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+        if last > first:
+            _get_madvise()(first, last - first, _MADV_HUGEPAGE)
+    return t
+
+
+def empty_huge_pages(*shape, dtype, device=None) -> torch.Tensor:
+    """``torch.empty`` advised for huge pages (:func:`advise_huge_pages`): a long-lived table."""
+    return advise_huge_pages(torch.empty(*shape, dtype=dtype, device=device))
+
+
 def empty(*shape, dtype, device):
     """``torch.empty`` for output buffers; tests monkeypatch this to return NaN-filled tensors."""
     if torch.device(device).type == "cpu":

@@ -155,12 +155,15 @@ void forward_kernel(const int64_t* indices, const A* weights, const T* table, in
 
 // For each touched row u (entries order[seg[u]] .. order[seg[u+1]-1], all reading rows[u]).
 // grad_out rows ([bags, D], a few MB) stay cache resident, so only table rows are prefetched.
-//   row_grads[u]     = sum_e w[e] * grad_out[bag[e]]         (kTable)
 //   grad_weights[e]  = <table[rows[u]], grad_out[bag[e]]>     (kWeights)
-template <typename T, typename A, bool kWeights, bool kTable>
+//   sink(u, acc)     with acc = sum_e w[e] * grad_out[bag[e]]  (kTable: the row's gradient)
+// The sink either stores the row's gradient or applies an optimizer rule to the row in place:
+// all entries of a row are visited before its sink runs, so every weight gradient reads the row
+// as it was before the update.
+template <typename T, typename A, bool kWeights, bool kTable, typename Sink>
 void backward_kernel(const A* grad_out, int64_t stride_g, const int64_t* bag_ids, const A* weights, const T* table,
                      int64_t stride_t, const int64_t* order, const int64_t* seg, const int64_t* rows,
-                     int64_t num_unique, int64_t D, A* grad_weights, T* row_grads, int64_t stride_r) {
+                     int64_t num_unique, int64_t D, A* grad_weights, Sink&& sink) {
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, num_unique, 64, [&](int64_t u0, int64_t u1) {
     constexpr bool kWiden = !std::is_same_v<T, A>;
@@ -191,37 +194,27 @@ void backward_kernel(const A* grad_out, int64_t stride_g, const int64_t* bag_ids
           axpy(a, weights[e], g, D);
         }
       }
-      if (kTable) {
-        T* out = row_grads + u * stride_r;
-        for (int64_t d = 0; d < D; ++d) out[d] = narrow<T>(a[d]);
-      }
+      if (kTable) sink(u, static_cast<const A*>(a));
     }
   });
 }
 
-// Calls fn(u, row) for each touched row u of a fused optimizer update, in parallel, with the
-// rows a few steps ahead prefetched. rows[] are unique, so each row has one writer (no atomics).
-template <typename T, typename Fn>
-void for_each_touched_row(T* table, int64_t stride_t, const int64_t* rows, int64_t num_unique, int64_t D, Fn&& fn) {
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  at::parallel_for(0, num_unique, 64, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      if (u + kPrefetchAhead < u1) prefetch_row(table + rows[u + kPrefetchAhead] * stride_t, row_bytes);
-      fn(u, table + rows[u] * stride_t);
-    }
-  });
-}
+// ---- optimizer rules for one touched row -------------------------------------------------------
+//
+// rule(r, w, g, D) updates table row r (at w) with its fp32 gradient g. rows[] are unique, so
+// each row has one writer (no atomics). The same rule objects serve the optimizer step over
+// precomputed row gradients and the lookup's backward that updates rows as it sums them.
 
-// Exact row-wise Adagrad on the touched rows, one pass per row (rows[] are unique, so rows are
-// updated by one thread each, without atomics). With g' = g + wd * w:
+// Exact row-wise Adagrad. With g' = g + wd * w:
 //   sum_sq[r] += mean(g'^2);   w_r -= lr * g' / (sqrt(sum_sq[r]) + eps)
 // The unfused torch sequence reads and writes [U, D] temporaries five times; this reads the
 // gradient once and the row twice (both from cache), and writes the row once.
-template <typename T>
-void rowwise_adagrad_kernel(T* table, int64_t stride_t, float* sum_sq, const int64_t* rows, const float* grads,
-                            int64_t stride_g, int64_t num_unique, int64_t D, float lr, float eps, float wd) {
-  for_each_touched_row(table, stride_t, rows, num_unique, D, [&](int64_t u, T* __restrict__ w) {
-    const float* __restrict__ g = grads + u * stride_g;
+struct AdagradRule {
+  float* sum_sq;
+  float lr, eps, wd;
+
+  template <typename T>
+  void operator()(int64_t r, T* __restrict__ w, const float* __restrict__ g, int64_t D) const {
     float part[kLanes] = {};
     int64_t d = 0;
     for (; d + kLanes <= D; d += kLanes) {
@@ -235,36 +228,40 @@ void rowwise_adagrad_kernel(T* table, int64_t stride_t, float* sum_sq, const int
       const float gd = g[d] + wd * widen<float>(w[d]);
       tail += gd * gd;
     }
-    const float acc = sum_sq[rows[u]] + sum_lanes(part, tail) / static_cast<float>(D);
-    sum_sq[rows[u]] = acc;
+    const float acc = sum_sq[r] + sum_lanes(part, tail) / static_cast<float>(D);
+    sum_sq[r] = acc;
     const float scale = lr / (std::sqrt(acc) + eps);
     for (d = 0; d < D; ++d) {
       const float w_old = widen<float>(w[d]);
       w[d] = narrow<T>(w_old - scale * (g[d] + wd * w_old));
     }
-  });
-}
+  }
+};
 
-// Lazy Adam / AdamW on the touched rows, one visit per row (rows[] unique). Per row r:
+// Lazy Adam / AdamW, moments stored as S. Per row r:
 // t = ++row_step[r]; g' = g + wd * w (L2) or w *= 1 - lr * wd (decoupled);
 // m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'^2 (stored rounded to S; the update uses the
 // fp32 values); w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps * sqrt(1 - b2^t)).
-template <typename T, typename S>
-void lazy_adam_kernel(T* table, int64_t stride_t, S* exp_avg, S* exp_avg_sq, int64_t stride_s, int32_t* row_step,
-                      const int64_t* rows, const float* grads, int64_t stride_g, int64_t num_unique, int64_t D,
-                      double lr, double beta1, double beta2, double eps, double wd, bool decoupled) {
-  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
-  const float l2 = decoupled ? 0.0f : static_cast<float>(wd);
-  const float shrink = decoupled ? static_cast<float>(1.0 - lr * wd) : 1.0f;
-  for_each_touched_row(table, stride_t, rows, num_unique, D, [&](int64_t u, T* __restrict__ w) {
-    const int64_t r = rows[u];
+template <typename S>
+struct AdamRule {
+  S* exp_avg;
+  S* exp_avg_sq;
+  int64_t stride_s;
+  int32_t* row_step;
+  double lr, beta1, beta2, eps, wd;
+  bool decoupled;
+
+  template <typename T>
+  void operator()(int64_t r, T* __restrict__ w, const float* __restrict__ g, int64_t D) const {
+    const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+    const float l2 = decoupled ? 0.0f : static_cast<float>(wd);
+    const float shrink = decoupled ? static_cast<float>(1.0 - lr * wd) : 1.0f;
     const int32_t t = ++row_step[r];
     const double bias1 = 1.0 - std::pow(beta1, t), bias2_sqrt = std::sqrt(1.0 - std::pow(beta2, t));
     const float step = static_cast<float>(lr * bias2_sqrt / bias1);
     const float eps_t = static_cast<float>(eps * bias2_sqrt);
     S* __restrict__ m = exp_avg + r * stride_s;
     S* __restrict__ v = exp_avg_sq + r * stride_s;
-    const float* __restrict__ g = grads + u * stride_g;
     for (int64_t d = 0; d < D; ++d) {
       float w_old = widen<float>(w[d]);
       const float gd = g[d] + l2 * w_old;
@@ -275,18 +272,32 @@ void lazy_adam_kernel(T* table, int64_t stride_t, S* exp_avg, S* exp_avg_sq, int
       v[d] = narrow<S>(vd);
       w[d] = narrow<T>(w_old - step * md / (std::sqrt(vd) + eps_t));
     }
-  });
-}
+  }
+};
 
-// SGD on the touched rows: w -= lr * (g + wd * w).
-template <typename T>
-void sgd_kernel(T* table, int64_t stride_t, const int64_t* rows, const float* grads, int64_t stride_g,
-                int64_t num_unique, int64_t D, float lr, float wd) {
-  for_each_touched_row(table, stride_t, rows, num_unique, D, [&](int64_t u, T* __restrict__ w) {
-    const float* __restrict__ g = grads + u * stride_g;
+// SGD: w -= lr * (g + wd * w).
+struct SgdRule {
+  float lr, wd;
+
+  template <typename T>
+  void operator()(int64_t, T* __restrict__ w, const float* __restrict__ g, int64_t D) const {
     for (int64_t d = 0; d < D; ++d) {
       const float w_old = widen<float>(w[d]);
       w[d] = narrow<T>(w_old - lr * (g[d] + wd * w_old));
+    }
+  }
+};
+
+// Applies rule to each touched row u with its gradient grads[u], in parallel, with the rows a
+// few steps ahead prefetched.
+template <typename T, typename Rule>
+void row_update_kernel(T* table, int64_t stride_t, const int64_t* rows, const float* grads, int64_t stride_g,
+                       int64_t num_unique, int64_t D, const Rule& rule) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  at::parallel_for(0, num_unique, 64, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      if (u + kPrefetchAhead < u1) prefetch_row(table + rows[u + kPrefetchAhead] * stride_t, row_bytes);
+      rule(rows[u], table + rows[u] * stride_t, grads + u * stride_g, D);
     }
   });
 }
@@ -362,9 +373,10 @@ void check_range(const Tensor& t, int64_t limit, const char* name) {
   }
 }
 
-void bag_backward(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& weights, const Tensor& table,
-                  const Tensor& order, const Tensor& seg, const Tensor& rows, const std::optional<Tensor>& grad_weights,
-                  const std::optional<Tensor>& row_grads) {
+// Checks of the backward's CSR inputs (every index a kernel follows is range-checked).
+void check_backward(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& weights, const Tensor& table,
+                    const Tensor& order, const Tensor& seg, const Tensor& rows,
+                    const std::optional<Tensor>& grad_weights) {
   check_rows(grad_out, "grad_out");
   check_rows(table, "table");
   check_1d(bag_ids, ScalarType::Long, "bag_ids");
@@ -379,11 +391,6 @@ void bag_backward(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& w
   TORCH_CHECK(seg.numel() == num_unique + 1, "seg must be [unique rows + 1]");
   if (grad_weights) check_1d(*grad_weights, acc, "grad_weights");
   if (grad_weights) TORCH_CHECK(grad_weights->numel() == nnz, "grad_weights must be [nnz]");
-  if (row_grads) {
-    check_rows(*row_grads, "row_grads");
-    TORCH_CHECK(row_grads->scalar_type() == table.scalar_type(), "row_grads must have the table's dtype");
-    TORCH_CHECK(row_grads->size(0) == num_unique && row_grads->size(1) == D, "row_grads must be [unique rows, D]");
-  }
   check_range(rows, table.size(0), "rows");
   check_range(bag_ids, grad_out.size(0), "bag_ids");
   check_range(order, nnz, "order");
@@ -392,98 +399,215 @@ void bag_backward(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& w
     TORCH_CHECK(s[u] <= s[u + 1], "seg must be non-decreasing");
   }
   TORCH_CHECK(num_unique == 0 || (s[0] >= 0 && s[num_unique] <= nnz), "seg must lie within [0, nnz]");
-  dispatch(table.scalar_type(), acc, [&](auto* t_tag, auto* a_tag) {
+}
+
+// Runs backward_kernel with the weights' gradient when grad_weights is given.
+template <typename T, typename A, bool kTable, typename Sink>
+void run_backward(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& weights, const Tensor& table,
+                  const Tensor& order, const Tensor& seg, const Tensor& rows, const std::optional<Tensor>& grad_weights,
+                  Sink&& sink) {
+  A* gw = grad_weights ? grad_weights->data_ptr<A>() : nullptr;
+  auto run = [&](auto kernel) {
+    kernel(grad_out.data_ptr<A>(), grad_out.stride(0), bag_ids.data_ptr<int64_t>(), weights.data_ptr<A>(),
+           table.data_ptr<T>(), table.stride(0), order.data_ptr<int64_t>(), seg.data_ptr<int64_t>(),
+           rows.data_ptr<int64_t>(), rows.numel(), table.size(1), gw, sink);
+  };
+  if (gw) {
+    run(backward_kernel<T, A, true, kTable, Sink&>);
+  } else if (kTable) {
+    run(backward_kernel<T, A, false, kTable, Sink&>);
+  }
+}
+
+void bag_backward(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& weights, const Tensor& table,
+                  const Tensor& order, const Tensor& seg, const Tensor& rows, const std::optional<Tensor>& grad_weights,
+                  const std::optional<Tensor>& row_grads) {
+  check_backward(grad_out, bag_ids, weights, table, order, seg, rows, grad_weights);
+  const int64_t D = table.size(1);
+  if (row_grads) {
+    check_rows(*row_grads, "row_grads");
+    TORCH_CHECK(row_grads->scalar_type() == table.scalar_type(), "row_grads must have the table's dtype");
+    TORCH_CHECK(row_grads->size(0) == rows.numel() && row_grads->size(1) == D, "row_grads must be [unique rows, D]");
+  }
+  dispatch(table.scalar_type(), acc_type(grad_out), [&](auto* t_tag, auto* a_tag) {
     using T = std::remove_pointer_t<decltype(t_tag)>;
     using A = std::remove_pointer_t<decltype(a_tag)>;
-    A* gw = grad_weights ? grad_weights->data_ptr<A>() : nullptr;
-    T* rg = row_grads ? row_grads->data_ptr<T>() : nullptr;
-    const int64_t stride_r = row_grads ? row_grads->stride(0) : 0;
-    auto run = [&](auto kernel) {
-      kernel(grad_out.data_ptr<A>(), grad_out.stride(0), bag_ids.data_ptr<int64_t>(), weights.data_ptr<A>(),
-             table.data_ptr<T>(), table.stride(0), order.data_ptr<int64_t>(), seg.data_ptr<int64_t>(),
-             rows.data_ptr<int64_t>(), num_unique, D, gw, rg, stride_r);
-    };
-    if (gw && rg) {
-      run(backward_kernel<T, A, true, true>);
-    } else if (gw) {
-      run(backward_kernel<T, A, true, false>);
-    } else if (rg) {
-      run(backward_kernel<T, A, false, true>);
+    if (row_grads) {
+      T* out = row_grads->data_ptr<T>();
+      const int64_t stride_r = row_grads->stride(0);
+      auto store = [&](int64_t u, const A* a) {
+        T* o = out + u * stride_r;
+        for (int64_t d = 0; d < D; ++d) o[d] = narrow<T>(a[d]);
+      };
+      run_backward<T, A, true>(grad_out, bag_ids, weights, table, order, seg, rows, grad_weights, store);
+    } else {
+      auto none = [](int64_t, const A*) {};
+      run_backward<T, A, false>(grad_out, bag_ids, weights, table, order, seg, rows, grad_weights, none);
     }
   });
 }
 
 // Checks shared by the fused optimizer updates; returns the unique, increasing rows.
-const int64_t* check_row_update(const Tensor& table, const Tensor& rows, const Tensor& row_grads) {
+const int64_t* check_row_update(const Tensor& table, const Tensor& rows) {
   check_rows(table, "table");
-  check_rows(row_grads, "row_grads");
   check_1d(rows, ScalarType::Long, "rows");
-  TORCH_CHECK(row_grads.scalar_type() == ScalarType::Float, "row_grads must be float32");
   TORCH_CHECK(table.scalar_type() == ScalarType::Float || table.scalar_type() == ScalarType::BFloat16,
               "fused row updates take float32 or bfloat16 tables, got ", table.scalar_type());
-  const int64_t num_unique = rows.numel();
-  TORCH_CHECK(row_grads.size(0) == num_unique && row_grads.size(1) == table.size(1), "row_grads must be [rows, D]");
   check_range(rows, table.size(0), "rows");
   const int64_t* r = rows.data_ptr<int64_t>();
-  for (int64_t u = 1; u < num_unique; ++u) {
+  for (int64_t u = 1; u < rows.numel(); ++u) {
     TORCH_CHECK(r[u - 1] < r[u], "rows must be strictly increasing (unique)");
   }
   return r;
 }
 
-void rowwise_adagrad(const Tensor& table, const Tensor& sum_sq, const Tensor& rows, const Tensor& row_grads,
-                     double lr, double eps, double weight_decay) {
-  const int64_t* r = check_row_update(table, rows, row_grads);
-  check_1d(sum_sq, ScalarType::Float, "sum_sq");
-  TORCH_CHECK(sum_sq.numel() == table.size(0), "sum_sq must have one entry per table row");
+// Where a rule's updates come from: precomputed row gradients (an optimizer step), or the
+// lookup's backward summing them row by row (the update fused into the backward). The backward
+// form also writes the weights' gradient and each row gradient's squared norm (row_sq [U]).
+struct RowGradients {
+  // step form
+  const Tensor* row_grads = nullptr;
+  // backward form
+  const Tensor *grad_out = nullptr, *bag_ids = nullptr, *weights = nullptr, *order = nullptr, *seg = nullptr;
+  const std::optional<Tensor>* grad_weights = nullptr;
+  const std::optional<Tensor>* row_sq = nullptr;
+};
+
+template <typename Rule>
+void apply_rule(const Tensor& table, const Tensor& rows, const RowGradients& src, const Rule& rule) {
+  const int64_t* r = check_row_update(table, rows);
   const int64_t num_unique = rows.numel(), D = table.size(1);
-  if (table.scalar_type() == ScalarType::Float) {
-    return rowwise_adagrad_kernel<float>(table.data_ptr<float>(), table.stride(0), sum_sq.data_ptr<float>(), r,
-                                         row_grads.data_ptr<float>(), row_grads.stride(0), num_unique, D, lr, eps,
-                                         weight_decay);
+  if (src.row_grads) {
+    const Tensor& g = *src.row_grads;
+    check_rows(g, "row_grads");
+    TORCH_CHECK(g.scalar_type() == ScalarType::Float, "row_grads must be float32");
+    TORCH_CHECK(g.size(0) == num_unique && g.size(1) == D, "row_grads must be [rows, D]");
+  } else {
+    check_backward(*src.grad_out, *src.bag_ids, *src.weights, table, *src.order, *src.seg, rows, *src.grad_weights);
+    TORCH_CHECK(src.grad_out->scalar_type() == ScalarType::Float, "a fused backward update accumulates in float32");
+    if (*src.row_sq) {
+      check_1d(**src.row_sq, ScalarType::Float, "row_sq");
+      TORCH_CHECK((*src.row_sq)->numel() == num_unique, "row_sq must be [unique rows]");
+    }
   }
-  rowwise_adagrad_kernel<c10::BFloat16>(table.data_ptr<c10::BFloat16>(), table.stride(0), sum_sq.data_ptr<float>(), r,
-                                        row_grads.data_ptr<float>(), row_grads.stride(0), num_unique, D, lr, eps,
-                                        weight_decay);
+  auto run = [&](auto* t_tag) {
+    using T = std::remove_pointer_t<decltype(t_tag)>;
+    T* w = table.data_ptr<T>();
+    const int64_t stride_t = table.stride(0);
+    if (src.row_grads) {
+      return row_update_kernel(w, stride_t, r, src.row_grads->data_ptr<float>(), src.row_grads->stride(0),
+                               num_unique, D, rule);
+    }
+    float* sq = *src.row_sq ? (*src.row_sq)->data_ptr<float>() : nullptr;
+    auto update = [&](int64_t u, const float* a) {
+      if (sq) sq[u] = dot(a, a, D);
+      rule(r[u], w + r[u] * stride_t, a, D);
+    };
+    run_backward<T, float, true>(*src.grad_out, *src.bag_ids, *src.weights, table, *src.order, *src.seg, rows,
+                                 *src.grad_weights, update);
+  };
+  if (table.scalar_type() == ScalarType::Float) return run((float*)nullptr);
+  run((c10::BFloat16*)nullptr);
 }
 
-void lazy_adam(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& row_step,
-               const Tensor& rows, const Tensor& row_grads, double lr, double beta1, double beta2, double eps,
-               double weight_decay, bool decoupled) {
-  const int64_t* r = check_row_update(table, rows, row_grads);
+AdagradRule adagrad_rule(const Tensor& table, const Tensor& sum_sq, double lr, double eps, double weight_decay) {
+  check_1d(sum_sq, ScalarType::Float, "sum_sq");
+  TORCH_CHECK(sum_sq.numel() == table.size(0), "sum_sq must have one entry per table row");
+  return AdagradRule{sum_sq.data_ptr<float>(), static_cast<float>(lr), static_cast<float>(eps),
+                     static_cast<float>(weight_decay)};
+}
+
+// Calls fn(rule) with the lazy Adam rule for the moments' dtype.
+template <typename Fn>
+void with_adam_rule(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& row_step,
+                    double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled, Fn&& fn) {
   TORCH_CHECK(exp_avg.sizes() == table.sizes() && exp_avg_sq.sizes() == table.sizes(), "moments must be [N, D]");
   TORCH_CHECK(exp_avg.is_contiguous() && exp_avg_sq.is_contiguous() && exp_avg.scalar_type() == exp_avg_sq.scalar_type(),
               "moments must be contiguous and of one dtype");
   check_1d(row_step, ScalarType::Int, "row_step");
   TORCH_CHECK(row_step.numel() == table.size(0), "row_step must have one entry per table row");
-  auto run = [&](auto* t_tag, auto* s_tag) {
-    using T = std::remove_pointer_t<decltype(t_tag)>;
+  auto make = [&](auto* s_tag) {
     using S = std::remove_pointer_t<decltype(s_tag)>;
-    lazy_adam_kernel<T, S>(table.data_ptr<T>(), table.stride(0), exp_avg.data_ptr<S>(), exp_avg_sq.data_ptr<S>(),
-                           exp_avg.stride(0), row_step.data_ptr<int32_t>(), r, row_grads.data_ptr<float>(),
-                           row_grads.stride(0), rows.numel(), table.size(1), lr, beta1, beta2, eps, weight_decay,
-                           decoupled);
+    fn(AdamRule<S>{exp_avg.data_ptr<S>(), exp_avg_sq.data_ptr<S>(), exp_avg.stride(0), row_step.data_ptr<int32_t>(),
+                   lr, beta1, beta2, eps, weight_decay, decoupled});
   };
-  const bool t_bf16 = table.scalar_type() == ScalarType::BFloat16;
   switch (exp_avg.scalar_type()) {
     case ScalarType::Float:
-      return t_bf16 ? run((c10::BFloat16*)nullptr, (float*)nullptr) : run((float*)nullptr, (float*)nullptr);
+      return make((float*)nullptr);
     case ScalarType::BFloat16:
-      return t_bf16 ? run((c10::BFloat16*)nullptr, (c10::BFloat16*)nullptr)
-                    : run((float*)nullptr, (c10::BFloat16*)nullptr);
+      return make((c10::BFloat16*)nullptr);
     default:
       TORCH_CHECK(false, "moments must be float32 or bfloat16, got ", exp_avg.scalar_type());
   }
 }
 
+SgdRule sgd_rule(double lr, double weight_decay) {
+  return SgdRule{static_cast<float>(lr), static_cast<float>(weight_decay)};
+}
+
+RowGradients step_source(const Tensor& row_grads) {
+  RowGradients src;
+  src.row_grads = &row_grads;
+  return src;
+}
+
+RowGradients backward_source(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& weights,
+                             const Tensor& order, const Tensor& seg, const std::optional<Tensor>& grad_weights,
+                             const std::optional<Tensor>& row_sq) {
+  RowGradients src;
+  src.grad_out = &grad_out;
+  src.bag_ids = &bag_ids;
+  src.weights = &weights;
+  src.order = &order;
+  src.seg = &seg;
+  src.grad_weights = &grad_weights;
+  src.row_sq = &row_sq;
+  return src;
+}
+
+void rowwise_adagrad(const Tensor& table, const Tensor& sum_sq, const Tensor& rows, const Tensor& row_grads,
+                     double lr, double eps, double weight_decay) {
+  apply_rule(table, rows, step_source(row_grads), adagrad_rule(table, sum_sq, lr, eps, weight_decay));
+}
+
+void lazy_adam(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& row_step,
+               const Tensor& rows, const Tensor& row_grads, double lr, double beta1, double beta2, double eps,
+               double weight_decay, bool decoupled) {
+  with_adam_rule(table, exp_avg, exp_avg_sq, row_step, lr, beta1, beta2, eps, weight_decay, decoupled,
+                 [&](const auto& rule) { apply_rule(table, rows, step_source(row_grads), rule); });
+}
+
 void sgd(const Tensor& table, const Tensor& rows, const Tensor& row_grads, double lr, double weight_decay) {
-  const int64_t* r = check_row_update(table, rows, row_grads);
-  if (table.scalar_type() == ScalarType::Float) {
-    return sgd_kernel<float>(table.data_ptr<float>(), table.stride(0), r, row_grads.data_ptr<float>(),
-                             row_grads.stride(0), rows.numel(), table.size(1), lr, weight_decay);
-  }
-  sgd_kernel<c10::BFloat16>(table.data_ptr<c10::BFloat16>(), table.stride(0), r, row_grads.data_ptr<float>(),
-                            row_grads.stride(0), rows.numel(), table.size(1), lr, weight_decay);
+  apply_rule(table, rows, step_source(row_grads), sgd_rule(lr, weight_decay));
+}
+
+// The lookup's backward with the optimizer step fused into it: each touched row is read once
+// (for the weights' gradient and the rule) and written once, and its gradient never leaves the
+// thread's buffer. Same arguments as bag_backward, then the rule's state and hyperparameters.
+void bag_backward_rowwise_adagrad(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& weights,
+                                  const Tensor& table, const Tensor& order, const Tensor& seg, const Tensor& rows,
+                                  const std::optional<Tensor>& grad_weights, const std::optional<Tensor>& row_sq,
+                                  const Tensor& sum_sq, double lr, double eps, double weight_decay) {
+  apply_rule(table, rows, backward_source(grad_out, bag_ids, weights, order, seg, grad_weights, row_sq),
+             adagrad_rule(table, sum_sq, lr, eps, weight_decay));
+}
+
+void bag_backward_lazy_adam(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& weights, const Tensor& table,
+                            const Tensor& order, const Tensor& seg, const Tensor& rows,
+                            const std::optional<Tensor>& grad_weights, const std::optional<Tensor>& row_sq,
+                            const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& row_step, double lr,
+                            double beta1, double beta2, double eps, double weight_decay, bool decoupled) {
+  const RowGradients src = backward_source(grad_out, bag_ids, weights, order, seg, grad_weights, row_sq);
+  with_adam_rule(table, exp_avg, exp_avg_sq, row_step, lr, beta1, beta2, eps, weight_decay, decoupled,
+                 [&](const auto& rule) { apply_rule(table, rows, src, rule); });
+}
+
+void bag_backward_sgd(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& weights, const Tensor& table,
+                      const Tensor& order, const Tensor& seg, const Tensor& rows,
+                      const std::optional<Tensor>& grad_weights, const std::optional<Tensor>& row_sq, double lr,
+                      double weight_decay) {
+  apply_rule(table, rows, backward_source(grad_out, bag_ids, weights, order, seg, grad_weights, row_sq),
+             sgd_rule(lr, weight_decay));
 }
 
 // ---- product-key search: the selection ---------------------------------------------------------
@@ -756,6 +880,21 @@ MEMRAY_TORCH_LIBRARY(MEMRAY_CPU_BAG_NS, m) {
       "Tensor row_grads, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled) -> ()",
       &lazy_adam);
   m.def("sgd(Tensor(a!) table, Tensor rows, Tensor row_grads, float lr, float weight_decay) -> ()", &sgd);
+  m.def(
+      "bag_backward_rowwise_adagrad(Tensor grad_out, Tensor bag_ids, Tensor weights, Tensor(a!) table, "
+      "Tensor order, Tensor seg, Tensor rows, Tensor(b!)? grad_weights, Tensor(c!)? row_sq, Tensor(d!) sum_sq, "
+      "float lr, float eps, float weight_decay) -> ()",
+      &bag_backward_rowwise_adagrad);
+  m.def(
+      "bag_backward_lazy_adam(Tensor grad_out, Tensor bag_ids, Tensor weights, Tensor(a!) table, Tensor order, "
+      "Tensor seg, Tensor rows, Tensor(b!)? grad_weights, Tensor(c!)? row_sq, Tensor(d!) exp_avg, "
+      "Tensor(e!) exp_avg_sq, Tensor(f!) row_step, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled) -> ()",
+      &bag_backward_lazy_adam);
+  m.def(
+      "bag_backward_sgd(Tensor grad_out, Tensor bag_ids, Tensor weights, Tensor(a!) table, Tensor order, "
+      "Tensor seg, Tensor rows, Tensor(b!)? grad_weights, Tensor(c!)? row_sq, float lr, float weight_decay) -> ()",
+      &bag_backward_sgd);
   m.def("pk_select(Tensor scores, int knn, Tensor(a!) out1, Tensor(b!) out2, Tensor(c!)? out_scores) -> ()",
         &pk_select);
   m.def(

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _alloc, cpu_ext
+from .row_update import FUSED_RULES
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _BACKENDS = ("auto", "torch", "cpp", "triton")
@@ -310,6 +311,42 @@ def _backward(grad_out, indices, weights, table, offsets, backend, need_w, need_
     return fn(grad_out, indices, weights, table, offsets, need_w, need_t)
 
 
+@torch.no_grad()
+def _backward_update(grad_out, indices, weights, table, offsets, backend, need_w, update):
+    """The backward with ``update`` (a ``BackwardRowUpdate``) applied to the touched rows of
+    ``table`` in place; returns the weights' gradient (or ``None``)."""
+    acc = _acc_dtype(table.dtype, weights.dtype, grad_out.dtype)
+    fused = update.fused_rule(table) if backend == "cpp" else None
+    if fused is not None and acc == torch.float32 and table.dtype in (torch.float32, torch.bfloat16):
+        rule, args = fused
+        if rule not in FUSED_RULES:
+            raise ValueError(f"no fused backward for rule {rule!r}; one of {FUSED_RULES}")
+        nnz = indices.numel()
+        bag_ids = _bag_ids(offsets, nnz)
+        order, unique_rows, seg = _row_segments(indices)
+        grad_weights = _alloc.empty(nnz, dtype=acc, device=weights.device) if need_w else None
+        row_sq = torch.empty(unique_rows.numel(), dtype=torch.float32, device=table.device)
+        getattr(cpu_ext.load(), f"bag_backward_{rule}")(
+            _row_major(grad_out.to(acc)),
+            bag_ids,
+            weights.to(acc).contiguous(),
+            table,
+            order,
+            seg,
+            unique_rows,
+            grad_weights,
+            row_sq,
+            **args,
+        )
+        update.record(row_sq)
+        return _cast_into_output(grad_weights, weights.dtype) if need_w else None
+    grad_weights, rows, row_grads = _backward(grad_out, indices, weights, table, offsets, backend, need_w, True)
+    row_grads = row_grads.float()
+    update.record(torch.linalg.vecdot(row_grads, row_grads))
+    update.apply(table, rows, row_grads)
+    return grad_weights
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -349,10 +386,11 @@ def bag_backward(
 
 class _EmbeddingBagFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weights, table, indices, offsets, sparse_grad, backend):
+    def forward(ctx, weights, table, indices, offsets, sparse_grad, backend, row_update):
         ctx.save_for_backward(indices, weights, table, offsets)
         ctx.sparse_grad = sparse_grad
         ctx.backend = backend
+        ctx.row_update = row_update
         return _forward(indices, weights, table, offsets, backend)
 
     @staticmethod
@@ -360,6 +398,14 @@ class _EmbeddingBagFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         indices, weights, table, offsets = ctx.saved_tensors
         need_w, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_t and ctx.row_update is not None:
+            grad_weights = _backward_update(
+                grad_out, indices, weights, table, offsets, ctx.backend, need_w, ctx.row_update
+            )
+            # the rows changed in place: a later backward that saved this table fails loudly
+            # instead of reading updated rows as the ones its forward used
+            torch.autograd.graph.increment_version(table)
+            return grad_weights, None, None, None, None, None, None
         grad_weights, unique_rows, row_grads = _backward(
             grad_out, indices, weights, table, offsets, ctx.backend, need_w, need_t
         )
@@ -371,10 +417,10 @@ class _EmbeddingBagFunction(torch.autograd.Function):
                 )
             else:
                 grad_table = torch.zeros_like(table).index_copy_(0, unique_rows, row_grads)
-        return grad_weights, grad_table, None, None, None, None
+        return grad_weights, grad_table, None, None, None, None, None
 
 
-def embedding_bag(indices, weights, table, offsets=None, *, sparse_grad=True, backend="auto"):
+def embedding_bag(indices, weights, table, offsets=None, *, sparse_grad=True, backend="auto", row_update=None):
     """Weighted sum of table rows per bag, differentiable w.r.t. ``weights`` and ``table``.
 
     ``indices`` (int64) and ``weights`` are ``[B, L]``, or flat ``[nnz]`` with CSR ``offsets``
@@ -383,7 +429,12 @@ def embedding_bag(indices, weights, table, offsets=None, *, sparse_grad=True, ba
     COO tensor over the touched rows only, so a huge table never gets a dense gradient.
     ``backend``: ``"torch"``, ``"cpp"`` (CPU), ``"triton"`` or ``"auto"`` (triton for CUDA tables
     when installed; on CPU the C++ kernels when they build, else torch).
+
+    ``row_update`` (a :class:`memray.kernels.row_update.BackwardRowUpdate`): the backward
+    applies that optimizer rule to the rows it touched, in place, instead of returning the
+    table's gradient (fused into the backward's single visit of each row on the C++ backend).
+    The table must then be read by no other lookup of the same backward pass.
     """
     indices, weights, offsets = _normalize(indices, weights, table, offsets)
     backend = _resolve_backend(backend, table)
-    return _EmbeddingBagFunction.apply(weights, table, indices, offsets, bool(sparse_grad), backend)
+    return _EmbeddingBagFunction.apply(weights, table, indices, offsets, bool(sparse_grad), backend, row_update)

@@ -4,7 +4,14 @@ A row-sparse optimizer step written with torch ops makes several passes over [U,
 temporaries; the fused kernels update each touched row in one visit. Each function returns
 ``False`` when no fused kernel serves its inputs (device, dtype, layout, no compiled
 extension), and the caller then runs its torch-op version of the same rule.
+
+:class:`BackwardRowUpdate` is the other way to run a rule: the lookup's backward
+(:func:`memray.kernels.embedding_bag` with ``row_update=``) applies it to each row as soon as
+that row's gradient is summed, so the row is read and written once per step and its gradient
+is never stored.
 """
+
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -99,3 +106,36 @@ def sgd_(table, rows, row_grads, lr: float, weight_decay: float = 0.0) -> bool:
         return False
     ops.sgd(table, rows, row_grads, float(lr), float(weight_decay))
     return True
+
+
+class BackwardRowUpdate(ABC):
+    """An optimizer rule that a lookup's backward applies to the rows it read, in place of
+    returning their gradient (the table's gradient stays ``None``).
+
+    Where the C++ kernels serve the lookup (CPU, fp32 or bf16 table, fp32 accumulation), the
+    rule runs inside the backward's visit of each row (``fused_rule``); elsewhere the backward
+    computes the fp32 row gradients as usual and hands them to ``apply``. Either way ``record``
+    receives each touched row's squared gradient norm [U] fp32 (before the rule's weight decay).
+    """
+
+    @abstractmethod
+    def fused_rule(self, table: torch.Tensor) -> tuple[str, dict] | None:
+        """``(rule, arguments)`` of the fused kernel for ``table``, or ``None`` when none serves it.
+
+        rule ``"rowwise_adagrad"``: ``sum_sq, lr, eps, weight_decay``; ``"lazy_adam"``:
+        ``exp_avg, exp_avg_sq, row_step, lr, beta1, beta2, eps, weight_decay, decoupled``;
+        ``"sgd"``: ``lr, weight_decay`` (the arguments of :func:`rowwise_adagrad_`,
+        :func:`lazy_adam_` and :func:`sgd_`).
+        """
+
+    @abstractmethod
+    def apply(self, table: torch.Tensor, rows: torch.Tensor, row_grads: torch.Tensor) -> None:
+        """The rule on ``rows`` (unique, increasing) with their fp32 gradients [U, D]."""
+
+    @abstractmethod
+    def record(self, row_sq: torch.Tensor) -> None:
+        """Squared norms [U] of the gradients of the rows just updated."""
+
+
+#: rules with a fused C++ backward (op ``bag_backward_<rule>`` of the extension)
+FUSED_RULES = ("rowwise_adagrad", "lazy_adam", "sgd")

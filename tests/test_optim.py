@@ -446,6 +446,7 @@ def test_bench_value_step_smoke(tmp_path, capsys):
     csv_text = (tmp_path / "bench_value_step.csv").read_text()
     assert csv_text.startswith("log2_rows,method,ms") and "copy_floor" in csv_text
     assert summary["rowwise_adagrad_ms"]["2^12"] > 0
+    assert summary["rowwise_adagrad_in_backward_ms"]["2^12"] > 0 and "copy_floor_in_backward" in csv_text
 
 
 def test_fused_lazy_adam_and_sgd_serve_cpu_tables():
@@ -461,3 +462,133 @@ def test_fused_lazy_adam_and_sgd_serve_cpu_tables():
     assert sgd_(table, rows, grads, lr=0.5)
     torch.testing.assert_close(table[[0, 3]], torch.full((2, 3), -0.6))
     assert not table[[1, 2, 4]].any()
+
+
+# -- the update in the lookup's backward ----------------------------------------------------------
+
+IN_BACKWARD_CASES = [  # (optimizer, state dtype, weight decay)
+    ("rowwise_adagrad", "fp32", 0.0),
+    ("rowwise_adagrad", "fp32", 0.3),
+    ("lazy_adam", "fp32", 0.3),
+    ("lazy_adam", "bf16", 0.0),
+    ("lazy_adamw", "fp32", 0.3),
+    ("sgd", "fp32", 0.3),
+    ("rowwise_adagrad_unfused", "fp32", 0.3),  # the torch-op rule, applied by the backward
+]
+
+
+def lookup_batches(steps, generator, bags=11, bag_len=5):
+    """(indices, weights, upstream gradient) per step; bags repeat rows, the last rows are never read."""
+    for _ in range(steps):
+        indices = torch.randint(0, NUM_ROWS - 5, (bags, bag_len), generator=generator)
+        yield indices, torch.randn(bags, bag_len, generator=generator), torch.randn(bags, DIM, generator=generator)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("kind,state_dtype,weight_decay", IN_BACKWARD_CASES, ids=str)
+def test_update_in_backward_equals_the_step_after_it(kind, state_dtype, weight_decay, backend):
+    """fp32 table: the same rule, the same bits, whether the backward or step() applies it; the
+    weights' gradient reads the rows as they were before the update."""
+    from memray.kernels import embedding_bag
+
+    generator = torch.Generator().manual_seed(3)
+    initial = torch.randn(NUM_ROWS, DIM, generator=generator)
+    stepped, fused = (torch.nn.Parameter(initial.clone()) for _ in range(2))
+    by_step = make_optimizer(kind, [stepped], weight_decay, state_dtype)
+    in_backward = make_optimizer(kind, [fused], weight_decay, state_dtype)
+    update = in_backward.update_in_backward(fused)
+    for indices, weights, upstream in lookup_batches(4, generator):
+        w1, w2 = (weights.clone().requires_grad_() for _ in range(2))
+        embedding_bag(indices, w1, stepped, backend=backend).backward(upstream)
+        norm = clip_grads([stepped], None)
+        by_step.step()
+        by_step.zero_grad(set_to_none=True)
+        embedding_bag(indices, w2, fused, backend=backend, row_update=update).backward(upstream)
+        assert fused.grad is None
+        in_backward.step()  # skips the table: nothing to apply twice
+        assert torch.equal(w1.grad, w2.grad)
+        assert torch.equal(stepped, fused)
+        measured, lookups = update.take_norm()
+        assert lookups == 1 and measured == pytest.approx(norm, rel=1e-6)
+    for name, value in by_step.state[stepped].items():
+        assert torch.equal(value, in_backward.state[fused][name]), name
+    # rows never read, and their state, are untouched
+    assert torch.equal(fused[-5:], initial[-5:])
+    assert all(not value[-5:].any() for value in in_backward.state[fused].values())
+
+
+@pytest.mark.parametrize("kind", ["rowwise_adagrad", "lazy_adam", "sgd"])
+def test_update_in_backward_of_a_bf16_table_uses_the_unrounded_row_gradient(kind):
+    """bf16 table: the backward hands its fp32 row gradients to the rule unrounded (a step would
+    first round them to the table's dtype): equal to the rule applied to fp32 gradients."""
+    from memray.kernels import bag_backward, embedding_bag
+
+    generator = torch.Generator().manual_seed(4)
+    initial = torch.randn(NUM_ROWS, DIM, generator=generator).to(torch.bfloat16)
+    reference, fused = (torch.nn.Parameter(initial.clone()) for _ in range(2))
+    by_rule = make_optimizer(kind, [reference], 0.1)
+    in_backward = make_optimizer(kind, [fused], 0.1)
+    update = in_backward.update_in_backward(fused)
+    for indices, weights, upstream in lookup_batches(3, generator):
+        embedding_bag(indices, weights, fused, row_update=update).backward(upstream)
+        # the row gradient does not depend on the table: take it at fp32
+        _, rows, row_grads = bag_backward(upstream, indices, weights, reference.detach().float(), None)
+        state = by_rule.state[reference]
+        if not state:
+            by_rule._init_state(by_rule.param_groups[0], reference, state)
+        by_rule._step_rows(by_rule.param_groups[0], reference, state, rows, row_grads)
+        assert torch.equal(reference, fused)
+
+
+def test_update_in_backward_refusals():
+    from memray.kernels import embedding_bag
+
+    table = torch.nn.Parameter(torch.randn(NUM_ROWS, DIM))
+    optimizer = RowWiseAdagrad([table])
+    with pytest.raises(ValueError, match="not a parameter"):
+        optimizer.update_in_backward(torch.nn.Parameter(torch.randn(3, 4)))
+    sliced = RowWiseAdagrad([{"params": [table], "row_dim": 2 * DIM}], all_reduce=lambda x: x)
+    with pytest.raises(ValueError, match="other slices"):
+        sliced.update_in_backward(table)
+    # another lookup of the table in the same backward: a lookup whose backward runs after the
+    # update would read changed rows, and a gradient left for step() would be a second update
+    update = optimizer.update_in_backward(table)
+    indices, weights = torch.tensor([[1, 2]]), torch.ones(1, 2, requires_grad=True)
+    plain = embedding_bag(indices, weights, table)
+    updating = embedding_bag(indices, weights, table, row_update=update)  # its backward runs first
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (plain + updating).sum().backward()
+    updating = embedding_bag(indices, weights, table, row_update=update)
+    plain = embedding_bag(indices, weights, table)  # its backward runs first
+    (plain + updating).sum().backward()
+    with pytest.raises(RuntimeError, match="updates in its lookup's backward"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.value_update=backward"], "value_grad_clip: null"),
+        (["optim.value_update=backward", "optim.value_grad_clip=null", "optim.value_optimizer=adamw"], "row-sparse"),
+        (["optim.value_update=later"], "is not one of"),
+        (
+            [
+                "optim.value_update=backward",
+                "optim.value_grad_clip=null",
+                "model.memory_layers=[0,1]",
+                "model.memory_pools={shared: [0, 1]}",
+            ],
+            "pool 'shared' is read by blocks [0, 1]",
+        ),
+    ],
+)
+def test_value_update_in_backward_config_errors(overrides, message):
+    from memray.train import load_run_config
+
+    with pytest.raises(ConfigError) as info:
+        load_run_config("tiny", overrides)
+    assert info.value.key == "optim.value_update" and message in str(info.value)
+    config = load_run_config("tiny", ["optim.value_update=backward", "optim.value_grad_clip=null"])
+    config.distributed.workers = 2
+    with pytest.raises(ConfigError, match="one process"):
+        config.check_world()

@@ -90,3 +90,26 @@ def test_moe_and_dense_models_train(tmp_path):
     for name, extra in (("dense", ["model.memory_layers=[]"]), ("moe", ["model.memory_layers=[]", "model.ffn=moe"])):
         result = tiny(tmp_path / name, "train.steps=3", *extra).fit()
         assert result["step"] == 3
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "lazy_adam"])
+def test_value_update_in_backward_trains_as_the_step_does_and_resumes(tmp_path, optimizer):
+    """The pools' rule applied inside the lookup's backward: the same losses and tables, bit for
+    bit, as the step after the backward; its optimizer state is checkpointed and resumed."""
+    common = ["train.log_every=1", "optim.value_grad_clip=null", f"optim.value_optimizer={optimizer}"]
+    stepped = tiny(tmp_path / "step", *common)
+    stepped.fit()
+    overrides = [*common, "optim.value_update=backward", "train.checkpoint_every=10", "train.keep_last=0"]
+    in_backward = tiny(tmp_path / "backward", *overrides)
+    in_backward.fit()
+    assert losses(tmp_path / "backward") == losses(tmp_path / "step")
+    for name, table in in_backward.tables.items():
+        assert table.weight.grad is None
+        assert torch.equal(table.weight, stepped.tables[name].weight)
+    norms = [json.loads(line)["value_grad_norm"] for line in (tmp_path / "backward" / "metrics.jsonl").open()]
+    reference = [json.loads(line)["value_grad_norm"] for line in (tmp_path / "step" / "metrics.jsonl").open()]
+    assert norms == pytest.approx(reference, rel=1e-5)
+    resumed = tiny(tmp_path / "resumed", *overrides)
+    resumed.resume(tmp_path / "backward" / "checkpoints" / "step-00000010")
+    resumed.fit()
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "backward")[10:]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from memray.kernels import embedding_bag
+from memray.kernels import embedding_bag, empty_huge_pages
 
 INIT_BLOCK_ROWS = 1 << 16
 
@@ -105,7 +105,9 @@ class ValueTableBase(nn.Module, ABC):
         # sharded pool drawn after the same calls starts exactly as an unsharded one
         self.init_seed = draw_init_seed() if init_seed is None else init_seed
         self.sparse_grad, self.backend, self.lr, self.weight_decay = sparse_grad, backend, lr, weight_decay
-        self.weight = nn.Parameter(torch.empty(shard.rows, shard.cols, device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            empty_huge_pages(shard.rows, shard.cols, device=device, dtype=dtype or torch.get_default_dtype())
+        )
         # cumulative since the table was created, over the rows of row_range; saved with the weights
         self.register_buffer("usage_count", torch.empty(shard.rows, dtype=torch.int64, device=device))
         self.register_buffer("usage_mass", torch.empty(shard.rows, dtype=torch.float32, device=device))
@@ -209,12 +211,22 @@ class ValueTable(ValueTableBase):
 
     def __init__(self, num_rows: int, dim: int, **options):
         super().__init__(TableShard(num_rows, dim), **options)
+        # a value optimizer's rule that the lookup's backward applies to the rows it read, in
+        # place of their gradient (RowSparseOptimizer.update_in_backward); None: a gradient
+        self.row_update = None
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor, *, record: bool = False) -> torch.Tensor:
         self.stats.rows_served += indices.numel()
         if record:
             self.record_owned(indices.reshape(-1), weights.detach().reshape(-1))
-        return embedding_bag(indices, weights, self.weight, sparse_grad=self.sparse_grad, backend=self.backend)
+        return embedding_bag(
+            indices,
+            weights,
+            self.weight,
+            sparse_grad=self.sparse_grad,
+            backend=self.backend,
+            row_update=self.row_update,
+        )
 
 
 @torch.no_grad()

@@ -17,10 +17,12 @@ import torch
 
 from memray.errors import ConfigError
 
-from .sparse import STATE_DTYPES, LazyAdam, LazyAdamW, RowSparseOptimizer, RowSparseSGD, RowWiseAdagrad
+from .sparse import STATE_DTYPES, BackwardUpdate, LazyAdam, LazyAdamW, RowSparseOptimizer, RowSparseSGD, RowWiseAdagrad
 
 ValueOptimizerName = Literal["adamw", "sparse_adam", "rowwise_adagrad", "lazy_adam", "lazy_adamw", "sgd", "adagrad"]
 VALUE_OPTIMIZERS = typing.get_args(ValueOptimizerName)
+# memray's own row-sparse optimizers (memray.optim.sparse)
+ROW_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "lazy_adam", "lazy_adamw", "sgd")
 # optimizers whose [N, D] state may be kept in bf16; the others have none or keep it in fp32
 _BF16_STATE_OPTIMIZERS = ("lazy_adam", "lazy_adamw")
 
@@ -45,6 +47,11 @@ class OptimConfig:
     value_eps: float | None = None
     value_lr_schedule: Literal["fixed", "cosine"] = "fixed"  # fixed: the pool's lr at every step
     value_grad_clip: float | None = 1.0
+    # step: the value optimizer steps after the backward, over the pools' row-sparse gradients;
+    # backward: each pool's lookup applies the rule to a row as soon as its gradient is summed
+    # (CPU: one read and one write per touched row, no stored gradient). Needs a row-sparse
+    # value_optimizer, value_grad_clip: null, one process, and each pool read by one layer.
+    value_update: Literal["step", "backward"] = "step"
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -73,6 +80,22 @@ class OptimConfig:
                 f"{self.value_state_dtype} state needs value_optimizer {' or '.join(_BF16_STATE_OPTIMIZERS)}, "
                 f"not {self.value_optimizer}",
             )
+
+        if self.value_update not in ("step", "backward"):
+            raise ConfigError("value_update", f"{self.value_update!r} is not one of step, backward")
+        if self.value_update == "backward":
+            if self.value_optimizer not in ROW_SPARSE_OPTIMIZERS:
+                raise ConfigError(
+                    "value_update",
+                    f"backward needs a row-sparse value_optimizer ({', '.join(ROW_SPARSE_OPTIMIZERS)}), "
+                    f"not {self.value_optimizer}",
+                )
+            if self.value_grad_clip is not None:
+                raise ConfigError(
+                    "value_update",
+                    "backward updates each row as soon as its gradient is summed, before the norm that "
+                    "value_grad_clip divides by is known: set value_grad_clip: null",
+                )
 
     @property
     def sparse_values(self) -> bool:
@@ -176,6 +199,7 @@ def clip_grads(params, max_norm: float | None, all_reduce=None) -> float:
 
 
 __all__ = [
+    "BackwardUpdate",
     "LazyAdam",
     "LazyAdamW",
     "OptimConfig",

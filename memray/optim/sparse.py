@@ -28,8 +28,15 @@ as in the other lazy updates, because decaying every row every step would cost O
 
 State is plain tensors (``sum_sq`` [N] fp32; ``exp_avg``/``exp_avg_sq`` [N, D]; ``row_step``
 [N] int32) and parameter groups hold numbers, bools and strings, so a state dict can be stored
-without pickle. ``_step_rows`` is the one place each rule touches the table: a fused kernel can
-later replace a whole gather-compute-scatter there.
+without pickle. ``_step_rows`` is the one place each rule touches the table (a fused C++ kernel
+per rule on CPU, torch ops elsewhere).
+
+Update in backward: ``update_in_backward(table)`` hands a table's updates to its lookup's
+backward (:func:`memray.kernels.embedding_bag`'s ``row_update``), which applies the same rule to
+each row as soon as that row's gradient is summed: on CPU each touched row is then read and
+written once per step instead of twice, and no [U, D] gradient is stored. ``step()`` skips such
+a table (its gradient stays ``None``). The rule sees each lookup's gradient as it comes, so it
+needs one lookup of the table per step and no clipping of the gradient first.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from itertools import chain
 
 import torch
 
-from memray.kernels import lazy_adam_, rowwise_adagrad_, sgd_
+from memray.kernels import BackwardRowUpdate, empty_huge_pages, lazy_adam_, rowwise_adagrad_, sgd_
 
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -83,6 +90,7 @@ class RowSparseOptimizer(torch.optim.Optimizer, ABC):
         # the table's device and dtypes; the torch ops of each rule otherwise
         self.fused = fused
         self._workspace = _Workspace()
+        self._in_backward: set[int] = set()  # ids of the tables updated by their lookup's backward
         for group in self.param_groups:
             self._check_group(group)
 
@@ -163,6 +171,11 @@ class RowSparseOptimizer(torch.optim.Optimizer, ABC):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if id(p) in self._in_backward:
+                    raise RuntimeError(
+                        f"a {tuple(p.shape)} table updates in its lookup's backward but also has a gradient: "
+                        "another lookup read it in the same step"
+                    )
                 rows, rows_grad = self._row_gradient(p.grad, p)
                 state = self.state[p]
                 if not state:
@@ -181,6 +194,32 @@ class RowSparseOptimizer(torch.optim.Optimizer, ABC):
     ) -> None:
         """Apply the rule to ``rows`` (unique, increasing) of ``table`` with their fp32 gradients
         ``rows_grad`` [U, D], updating ``state`` in place."""
+
+    # -- updates in the lookup's backward ----------------------------------------------------
+    def update_in_backward(self, table: torch.Tensor) -> BackwardUpdate:
+        """The rule of ``table``'s group as a lookup's ``row_update``: pass the result to the one
+        lookup that reads ``table`` each step; ``step()`` skips ``table`` from then on."""
+        group = self._group_of(table)
+        state = self.state[table]
+        if not state:
+            self._init_state(group, table, state)
+        self._check_in_backward(group, table)
+        self._in_backward.add(id(table))
+        return BackwardUpdate(self, table)
+
+    def _group_of(self, table: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(p is table for p in group["params"]):
+                return group
+        raise ValueError(f"a {tuple(table.shape)} table that is not a parameter of this {type(self).__name__}")
+
+    def _check_in_backward(self, group: dict, table: torch.Tensor) -> None:
+        """Raises ValueError where the rule cannot run inside one lookup's backward."""
+
+    @abstractmethod
+    def _fused_rule(self, group: dict, state: dict) -> tuple[str, dict]:
+        """``(rule, arguments)`` of the C++ backward update for this group (see
+        :meth:`memray.kernels.BackwardRowUpdate.fused_rule`)."""
 
     # -- checkpoints ------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -221,6 +260,9 @@ class RowSparseSGD(RowSparseOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, *, fused: bool = True):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), fused)
+
+    def _fused_rule(self, group, state):
+        return "sgd", dict(lr=float(group["lr"]), weight_decay=float(group["weight_decay"]))
 
     def _step_rows(self, group, table, state, rows, rows_grad):
         lr, wd = group["lr"], group["weight_decay"]
@@ -268,6 +310,17 @@ class RowWiseAdagrad(RowSparseOptimizer):
 
     def _init_state(self, group, table, state):
         state["sum_sq"] = torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)
+
+    def _check_in_backward(self, group, table):
+        if group["row_dim"] not in (None, table.shape[1]):
+            raise ValueError(
+                f"a table holding {table.shape[1]} of each row's {group['row_dim']} columns cannot update in its "
+                "lookup's backward: its row norms need the other slices' gradients first"
+            )
+
+    def _fused_rule(self, group, state):
+        args = {k: float(group[k]) for k in ("lr", "eps", "weight_decay")}
+        return "rowwise_adagrad", dict(sum_sq=state["sum_sq"], **args)
 
     def _step_rows(self, group, table, state, rows, rows_grad):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
@@ -330,9 +383,24 @@ class LazyAdam(RowSparseOptimizer):
 
     def _init_state(self, group, table, state):
         dtype = STATE_DTYPES[group["state_dtype"]]
-        state["exp_avg"] = torch.zeros(table.shape, dtype=dtype, device=table.device)
-        state["exp_avg_sq"] = torch.zeros(table.shape, dtype=dtype, device=table.device)
+        # read and written at scattered rows, as the table is: huge pages where available
+        state["exp_avg"] = empty_huge_pages(*table.shape, dtype=dtype, device=table.device).zero_()
+        state["exp_avg_sq"] = empty_huge_pages(*table.shape, dtype=dtype, device=table.device).zero_()
         state["row_step"] = torch.zeros(table.shape[0], dtype=torch.int32, device=table.device)
+
+    def _fused_rule(self, group, state):
+        beta1, beta2 = group["betas"]
+        return "lazy_adam", dict(
+            exp_avg=state["exp_avg"],
+            exp_avg_sq=state["exp_avg_sq"],
+            row_step=state["row_step"],
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            decoupled=bool(group["decoupled"]),
+        )
 
     def _step_rows(self, group, table, state, rows, rows_grad):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
@@ -401,4 +469,50 @@ class LazyAdamW(LazyAdam):
         super().__init__(params, lr, betas, eps, weight_decay, decoupled=True, state_dtype=state_dtype, fused=fused)
 
 
-__all__ = ["LazyAdam", "LazyAdamW", "RowSparseOptimizer", "RowSparseSGD", "RowWiseAdagrad", "STATE_DTYPES"]
+class BackwardUpdate(BackwardRowUpdate):
+    """One table's rule, run by its lookup's backward (:meth:`RowSparseOptimizer.update_in_backward`).
+
+    Group and state are looked up at each use, so hyperparameter changes (an lr schedule) and a
+    loaded state dict apply as they do to ``step()``. ``take_norm()`` returns the L2 norm of the
+    row gradients applied since it was last called (for logging) and how many lookups applied
+    them.
+    """
+
+    def __init__(self, optimizer: RowSparseOptimizer, table: torch.Tensor):
+        self.optimizer, self.table = optimizer, table
+        self._sq_norms: list[torch.Tensor] = []
+
+    def _target(self, table):
+        if table is not self.table and table.data_ptr() != self.table.data_ptr():
+            raise ValueError("this update belongs to another table")
+        return self.optimizer._group_of(self.table), self.optimizer.state[self.table]
+
+    def fused_rule(self, table):
+        if not self.optimizer.fused:
+            return None
+        group, state = self._target(table)
+        return self.optimizer._fused_rule(group, state)
+
+    def apply(self, table, rows, row_grads):
+        group, state = self._target(table)
+        self.optimizer._step_rows(group, self.table, state, rows, row_grads)
+
+    def record(self, row_sq):
+        self._sq_norms.append(row_sq.sum(dtype=torch.float64))
+
+    def take_norm(self) -> tuple[float, int]:
+        total = float(torch.stack(self._sq_norms).sum()) if self._sq_norms else 0.0
+        count = len(self._sq_norms)
+        self._sq_norms = []
+        return math.sqrt(total), count
+
+
+__all__ = [
+    "BackwardUpdate",
+    "LazyAdam",
+    "LazyAdamW",
+    "RowSparseOptimizer",
+    "RowSparseSGD",
+    "RowWiseAdagrad",
+    "STATE_DTYPES",
+]

@@ -47,6 +47,12 @@ class TrainerConfig:
         return torch.device(auto if self.device == "auto" else self.device)
 
 
+BACKWARD_NEEDS_ONE_PROCESS = (
+    "backward runs on one process (--workers 0); {workers} workers shard the pools, whose rows "
+    "get their gradients from the all-to-all after the lookup's backward"
+)
+
+
 @dataclass(kw_only=True)
 class DistributedConfig:
     """How many processes train, and how (``memray train --workers N`` sets ``workers``)."""
@@ -90,6 +96,13 @@ class RunConfig:
         # ingested shards carry their own tokenizer, checked against the model when they are opened
         if self.data.source != "arrow" and self.model.vocab_size < ByteTokenizer.vocab_size:
             raise ConfigError("model.vocab_size", f"must be >= {ByteTokenizer.vocab_size} for the byte tokenizer")
+        if self.optim.value_update == "backward":
+            for pool, layers in self.model.memory_pools.items():
+                if len(layers) > 1:
+                    raise ConfigError(
+                        "optim.value_update",
+                        f"backward needs each pool read by one layer; pool '{pool}' is read by blocks {layers}",
+                    )
 
     def with_absolute_paths(self) -> RunConfig:
         """This config with ``data.path`` made absolute against the current directory: for
@@ -108,6 +121,8 @@ class RunConfig:
         workers = self.distributed.workers
         if workers < 1:
             return
+        if self.optim.value_update == "backward":
+            raise ConfigError("optim.value_update", BACKWARD_NEEDS_ONE_PROCESS.format(workers=workers))
         dims = ParallelDims(workers, self.model.memory.parallel_size)
         if self.model.memory_layers:
             dims.check_table(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from memray.model import Transformer, build_pools, count_parameters
 from memray.optim import build_value_optimizer, clip_grads, lr_factor
 
 from .checkpointer import Checkpointer
-from .config import RunConfig
+from .config import BACKWARD_NEEDS_ONE_PROCESS, RunConfig
 from .deepspeed import DeepSpeedDense
 from .dense import LocalDense
 from .metrics import MetricsProcessor
@@ -96,6 +97,14 @@ class Trainer:
                 self.model, config, max(b - a for a, b in shares), self.world, rows=len(self.batches.rows)
             )
         self.value_optimizer = build_value_optimizer(o, self.tables.values(), all_reduce=self.memory_sum)
+        # value_update: backward: each pool's lookup updates the rows it read in its backward
+        self.backward_updates = []
+        if o.value_update == "backward" and self.value_optimizer is not None:
+            if context is not None:
+                raise ConfigError("optim.value_update", BACKWARD_NEEDS_ONE_PROCESS.format(workers=self.world))
+            for table in self.tables.values():
+                table.row_update = self.value_optimizer.update_in_backward(table.weight)
+                self.backward_updates.append(table.row_update)
         self.step = 0
         self.tokens = 0
         # called on every rank after each committed checkpoint with (path, last logged metrics):
@@ -184,6 +193,8 @@ class Trainer:
                 if p.grad is not None:
                     (p.grad._values() if p.grad.is_sparse else p.grad).div_(self.world)
         value_norm = clip_grads(values, c.optim.value_grad_clip, self.memory_sum)
+        if self.backward_updates:  # the pools were updated in the backward, which measured their norms
+            value_norm = math.sqrt(sum(update.take_norm()[0] ** 2 for update in self.backward_updates))
         grad_norm = self.dense.step(c.optim.lr * factor)
         if self.value_optimizer is not None:
             self.value_optimizer.step()
