@@ -17,6 +17,8 @@ Each section runs in processes of its own, so one failing section does not hide 
   (bench_value_step.py).
 * ``layer``: a Memory+ layer with 2^20 slots, forward + backward, against the same layer reading
   its values with ``F.embedding_bag``.
+* ``search``: the product-key search forward + backward at n_keys 1024, k_dim 512, 16k tokens:
+  the Triton kernel against the torch search, time and peak memory.
 * ``e2e``: training tokens/s of Memory+ (2^20 slots) against a dense model of equal FLOPs per
   token, bf16 (e2e_throughput.py).
 * ``scale``: training steps of a small model whose pool is 2^24 x 1024 bf16 (17.2B values, row-wise
@@ -93,8 +95,9 @@ def last_json(text: str) -> dict:
 
 def device_env(device: str) -> dict:
     """On a GPU: compiled Triton kernels and DeepSpeed's CUDA accelerator, whatever the test
-    configuration sets for CPU machines (the interpreter, DeepSpeed's CPU accelerator)."""
-    return {"TRITON_INTERPRET": "0", "DS_ACCELERATOR": "cuda"} if device == "cuda" else {}
+    configuration sets for CPU machines (the interpreter, DeepSpeed's CPU accelerator). On the
+    CPU (the smoke run): the Triton interpreter, for the sections that run a Triton kernel."""
+    return {"TRITON_INTERPRET": "0", "DS_ACCELERATOR": "cuda"} if device == "cuda" else {"TRITON_INTERPRET": "1"}
 
 
 def memray(*args) -> list:
@@ -308,6 +311,22 @@ def section_layer(device: str, log: Log, _work: pathlib.Path, quick: bool) -> tu
     return last_json(result.stdout), {"Memory+ layer benchmark": (True, "runs")}
 
 
+def section_search(device: str, log: Log, _work: pathlib.Path, quick: bool) -> tuple[dict, dict]:
+    script = [sys.executable, __file__, "--part", "search", "--device", device, *(["--quick"] if quick else [])]
+    result = run(log, script, 300)
+    if result.returncode != 0:
+        return {}, {"product-key search benchmark": (False, "runs")}
+    figures = last_json(result.stdout)
+    checks = {"product-key search benchmark": (True, "runs")}
+    if device != "cpu":
+        checks["Triton search >= 2x the torch search"] = (
+            figures["speedup"] >= 2.0,
+            "forward + backward, n_keys 1024, k_dim 512, 16k tokens",
+            SPEED,
+        )
+    return figures, checks
+
+
 def section_scale(device: str, log: Log, _work: pathlib.Path, quick: bool) -> tuple[dict, dict]:
     script = [sys.executable, __file__, "--part", "scale", "--device", device, *(["--quick"] if quick else [])]
     result = run(log, script, 420)
@@ -411,6 +430,51 @@ def part_layer(device: str, quick: bool) -> dict:
     }
 
 
+def part_search(device: str, quick: bool) -> dict:
+    """The product-key search forward + backward: the Triton kernel (``kernels.pk_search``,
+    ``backend="triton"``) against the layer's torch search (the full half scores, three topk),
+    with each one's peak memory above its inputs."""
+    import torch
+
+    from memray.kernels import pk_search
+    from memray.model import MemoryConfig, ProductKeyMemory
+
+    dev = torch.device(device)
+    small = dev.type == "cpu"
+    tokens, heads, n_keys, k_dim, knn = (16, 2, 16, 16, 4) if small else (16384, 4, 1024, 512, 32)
+    torch_search = ProductKeyMemory(64, MemoryConfig(n_keys=n_keys, heads=heads, knn=knn, k_dim=k_dim, backend="torch"))
+    q = torch.randn(tokens, heads, 2, k_dim // 2, device=dev, requires_grad=True)
+    keys = torch.randn(heads, 2, n_keys, k_dim // 2, device=dev, requires_grad=True)
+    upstream = torch.randn(tokens, heads, knn, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def triton_step():
+        scores = pk_search(q, keys, knn, backend="triton")[2]
+        torch.autograd.grad((scores * upstream).sum(), (q, keys))
+
+    def torch_step():
+        scores = torch_search.select(q, keys)[1]
+        torch.autograd.grad((scores * upstream).sum(), (q, keys))
+
+    out = {"tokens": tokens, "heads": heads, "n_keys": n_keys, "k_dim": k_dim, "knn": knn}
+    reps = 1 if small else (5 if quick else 15)
+    for name, fn in (("triton", triton_step), ("torch", torch_step)):
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        out[f"{name}_ms"] = 1e3 * _median_seconds(fn, reps, sync)
+        if dev.type == "cuda":
+            out[f"{name}_peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    out["speedup"] = out["torch_ms"] / out["triton_ms"]
+    # the same slots: the torch search's own selection can differ only at exact score ties
+    with torch.no_grad():
+        got, want = pk_search(q, keys, knn, backend="triton"), torch_search.select(q, keys)
+        slots = got[0] * n_keys + got[1]
+        out["same_slots_fraction"] = float((slots == want[0]).float().mean())
+        out["max_score_diff"] = float((got[2] - want[1]).abs().max())
+    return out
+
+
 def part_scale(device: str, quick: bool) -> dict:
     """Training steps of one small model with a 2^16-row and a 2^24-row bf16 pool (row-wise
     Adagrad), the same batches: median step time of each and their ratio."""
@@ -472,6 +536,7 @@ SECTIONS = {
     "lookup": section_lookup,
     "value_step": section_value_step,
     "layer": section_layer,
+    "search": section_search,
     "e2e": section_e2e,
     "scale": section_scale,
 }
@@ -503,10 +568,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (under 3 minutes)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results" / "gpu"))
     parser.add_argument("--sections", default=",".join(SECTIONS), help="a comma-separated subset")
-    parser.add_argument("--part", choices=["layer", "scale"], help=argparse.SUPPRESS)  # run by a section
+    parts = {"layer": part_layer, "search": part_search, "scale": part_scale}
+    parser.add_argument("--part", choices=list(parts), help=argparse.SUPPRESS)  # run by a section
     args = parser.parse_args(argv)
     if args.part:
-        print(json.dumps((part_layer if args.part == "layer" else part_scale)(args.device, args.quick)))
+        print(json.dumps(parts[args.part](args.device, args.quick)))
         return 0
     os.environ.update(device_env(args.device))  # every process below inherits it
     out = pathlib.Path(args.out)

@@ -49,32 +49,51 @@ def pk_select(half_scores: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.
 TILE_BYTES = 2 << 20
 
 
-def pk_search(q: torch.Tensor, keys: torch.Tensor, knn: int):
-    """The whole search, fused: query halves ``q`` [tokens, heads, 2, half] and sub-keys ``keys``
-    [heads, 2, n_keys, half] (fp32 or fp64, on the CPU) -> (first, second, scores), each
-    [tokens, heads, knn], best first: the selected slots are ``first * n_keys + second``, and
-    ``scores`` (differentiable in ``q`` and ``keys``) their summed half scores.
+def _use_triton(q: torch.Tensor, backend: str) -> bool:
+    from .embedding_bag import _has_triton, _interpreting
 
-    Half scores are computed a tile of tokens at a time and selected at once, so the
-    [tokens, heads, 2, n_keys] score tensor never exists; the backward touches only the selected
-    sub-keys (``knn`` per token, head and half instead of ``n_keys``). None where the C++ kernels
-    are unavailable or the inputs are not CPU fp32/fp64: the caller then uses torch."""
-    if (
-        q.device.type != "cpu"
-        or keys.device.type != "cpu"
-        or q.dtype not in (torch.float32, torch.float64)
-        or keys.dtype != q.dtype
-    ):
-        return None
-    ops = cpu_ext.load()
-    if ops is None:
-        return None
+    if backend == "triton":
+        if not _has_triton():
+            raise ValueError("backend='triton' requested but triton is not installed")
+        if not q.is_cuda and not _interpreting():
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
+        return True
+    return backend == "auto" and q.is_cuda and _has_triton()
+
+
+def pk_search(q: torch.Tensor, keys: torch.Tensor, knn: int, backend: str = "auto"):
+    """The whole search, fused: query halves ``q`` [tokens, heads, 2, half] and sub-keys ``keys``
+    [heads, 2, n_keys, half] -> (first, second, scores), each [tokens, heads, knn], best first:
+    the selected slots are ``first * n_keys + second``, and ``scores`` (differentiable in ``q``
+    and ``keys``) their summed half scores.
+
+    The [tokens, heads, 2, n_keys] score tensor never exists, and the backward touches only the
+    selected sub-keys (``knn`` per token, head and half instead of ``n_keys``). ``backend``:
+    ``"cpp"`` (CPU fp32/fp64: half scores a tile of tokens at a time, the C++ selection and
+    backward), ``"triton"`` (``kernels.triton_search``: CUDA, or CPU under
+    ``TRITON_INTERPRET=1``; fp32/bf16/fp16 inputs, fp32 scores) or ``"auto"`` (the C++ kernels
+    on the CPU, Triton on CUDA when installed). None where no kernel serves the inputs: the
+    caller then uses torch."""
     tokens, heads, halves, half = q.shape
     if halves != 2 or keys.dim() != 4 or tuple(keys.shape[:2]) != (heads, 2) or keys.shape[3] != half:
         raise ValueError(
             f"q [tokens, heads, 2, half] and keys [heads, 2, n_keys, half] do not match: "
             f"{tuple(q.shape)}, {tuple(keys.shape)}"
         )
+    if keys.dtype != q.dtype or keys.device != q.device:
+        return None
+    if _use_triton(q, backend):
+        if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+        _check_knn(knn, keys.shape[2])
+        from .triton_search import pk_search_triton
+
+        return pk_search_triton(q, keys, knn)
+    if backend not in ("auto", "cpp") or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+        return None
+    ops = cpu_ext.load()
+    if ops is None:
+        return None
     _check_knn(knn, keys.shape[2])
     return _PKSearch.apply(q, keys, knn, ops)
 

@@ -1,6 +1,7 @@
 """What `make gpu-check` runs on its device with `pytest -m gpu` (MEMRAY_GPU_CHECK_DEVICE=cuda;
 cpu for the check's smoke run in `make test`, with the Triton interpreter and tiny shapes):
-the Triton lookup against the float64 reference, the product-key search against brute force,
+the Triton lookup against the float64 reference, the product-key search (the layer's and the
+Triton kernel's) against brute force,
 and a sharded table at world size 1 (NCCL on a GPU) against the unsharded layer. The row-sparse
 optimizers' check on the device is tests/test_optim.py's, parametrized by device_params()."""
 
@@ -39,6 +40,29 @@ def test_product_key_topk_equals_brute_force(qk_norm):
     assert indices.device.type == DEVICE.type
     assert torch.equal(indices, brute_indices)
     torch.testing.assert_close(scores, brute_scores, atol=1e-12, rtol=0)
+
+
+def test_triton_search_equals_brute_force():
+    """The Triton search on the device, on integer-valued queries and keys (exact half scores in
+    any summation order, ties everywhere): the brute-force slots, their scores, and the sparse
+    backward's gradients equal autograd through the dense half scores."""
+    from memray.kernels.pk_search import pk_search, pk_select_reference
+
+    tokens, heads, n_keys, half, knn = (20, 2, 9, 4, 5) if SMOKE else (300, 4, 1024, 256, 32)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-2, 3, (tokens, heads, 2, half), generator=g).float().to(DEVICE).requires_grad_()
+    keys = torch.randint(-2, 3, (heads, 2, n_keys, half), generator=g).float().to(DEVICE).requires_grad_()
+    first, second, scores = pk_search(q, keys, knn, backend="triton")
+    half_scores = torch.einsum("thsd,hsnd->thsn", q.double(), keys.double())
+    want_i, want_j = pk_select_reference(half_scores.detach().flatten(0, 1), knn)
+    assert torch.equal(first.flatten(0, 1), want_i) and torch.equal(second.flatten(0, 1), want_j)
+    want = half_scores[:, :, 0].gather(-1, first) + half_scores[:, :, 1].gather(-1, second)
+    assert torch.equal(scores.double(), want.detach())
+    upstream = torch.randint(-2, 3, scores.shape, generator=g).float().to(DEVICE)
+    got = torch.autograd.grad((scores * upstream).sum(), (q, keys))
+    expected = torch.autograd.grad((want * upstream.double()).sum(), (q, keys))
+    for a, b in zip(got, expected):
+        assert torch.equal(a.double(), b)
 
 
 def _world_one(device_type: str) -> dict:

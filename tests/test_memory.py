@@ -106,6 +106,54 @@ def test_fused_search_equals_brute_force_and_its_gradients(tokens, heads, n_keys
     torch.testing.assert_close(dq, expected[0], **tol)
 
 
+@pytest.mark.parametrize(
+    "tokens,heads,n_keys,half,knn,dtype",
+    [
+        (5, 1, 1, 1, 1, torch.float32),
+        (21, 1, 7, 5, 20, torch.float32),  # knn > n_keys: every key of a half, k1 = n_keys
+        (16, 1, 150, 3, 6, torch.float32),  # two key blocks, the last one ragged
+        (9, 2, 12, 8, 4, torch.bfloat16),
+    ],
+)
+def test_triton_search_equals_brute_force_ties_included(tokens, heads, n_keys, half, knn, dtype):
+    """The Triton search (interpreted on CPU) on integer-valued queries and keys, whose half
+    scores are exact in any summation order and tie everywhere: the slots of a stable sort of
+    all n_keys**2 slots (ties: lower key, then lower slot), those slots' summed scores, and the
+    sparse backward's gradients equal autograd through the dense half scores."""
+    from memray.kernels.pk_search import pk_search, pk_select_reference
+
+    g = torch.Generator().manual_seed(tokens * n_keys + knn)
+    q = torch.randint(-2, 3, (tokens, heads, 2, half), generator=g).to(dtype).requires_grad_()
+    keys = torch.randint(-2, 3, (heads, 2, n_keys, half), generator=g).to(dtype).requires_grad_()
+    q.data[0, 0, 1] = 0.0  # one token's second half all zero: every key of that half ties
+    first, second, scores = pk_search(q, keys, knn, backend="triton")
+    half_scores = torch.einsum("thsd,hsnd->thsn", q.float(), keys.float())
+    want_i, want_j = pk_select_reference(half_scores.detach().flatten(0, 1), knn)
+    assert torch.equal(first.flatten(0, 1), want_i) and torch.equal(second.flatten(0, 1), want_j)
+    want = half_scores[:, :, 0].gather(-1, first) + half_scores[:, :, 1].gather(-1, second)
+    assert scores.dtype == torch.float32 and torch.equal(scores, want.detach())
+    upstream = torch.randint(-2, 3, scores.shape, generator=g).float()
+    got = torch.autograd.grad((scores * upstream).sum(), (q, keys))
+    expected = torch.autograd.grad((want * upstream).sum(), (q, keys))
+    for a, b in zip(got, expected):
+        assert a.dtype == dtype and torch.equal(a, b.to(dtype))
+
+
+def test_triton_search_ranks_nan_below_every_number():
+    from memray.kernels.pk_search import pk_search, pk_select_reference
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(6, 1, 2, 4, generator=g)
+    keys = torch.randn(1, 2, 40, 4, generator=g)
+    keys[0, 0, 3] = float("nan")  # every token's score against key 3 of the first half
+    keys[0, 1, 0] = float("nan")  # and against the first key of the second half
+    first, second, _ = pk_search(q, keys, 8, backend="triton")
+    half_scores = torch.einsum("thsd,hsnd->thsn", q, keys)
+    want_i, want_j = pk_select_reference(half_scores.flatten(0, 1), 8)
+    assert torch.equal(first.flatten(0, 1), want_i) and torch.equal(second.flatten(0, 1), want_j)
+    assert not (first == 3).any() and not (second == 0).any()
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_layer_selection_and_gradients_equal_the_torch_search(qk_norm):
     """backend auto (the C++ selection on CPU) and torch (three topk calls): the same slots, the
@@ -127,6 +175,26 @@ def test_layer_selection_and_gradients_equal_the_torch_search(qk_norm):
     assert len(grads_a) == len(grads_b) > 2
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_layer_with_the_triton_search_equals_the_torch_search():
+    """backend triton (the Triton search and lookup, interpreted on CPU) against backend torch,
+    fp32: the same slots, scores and gradients to fp32 rounding (sums run in another order)."""
+    outs = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(5)
+        layer = make_layer(n_keys=9, knn=6, heads=2, qk_norm=True, backend=backend)
+        x = torch.randn(16, 24, generator=torch.Generator().manual_seed(6), requires_grad=True)
+        rows, scores = layer.topk(x)
+        layer(x).square().sum().backward()
+        grads = [x.grad] + [p.grad for p in layer.parameters() if p.grad is not None and not p.grad.is_sparse]
+        outs.append((rows, scores, grads))
+    (rows_a, scores_a, grads_a), (rows_b, scores_b, grads_b) = outs
+    assert torch.equal(rows_a, rows_b)
+    torch.testing.assert_close(scores_a, scores_b)
+    assert len(grads_a) == len(grads_b) > 2
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b)
 
 
 def test_scores_are_fp32_for_low_precision_layers():

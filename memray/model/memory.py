@@ -206,10 +206,11 @@ class ProductKeyMemory(nn.Module):
     def select(self, q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The search from query halves ``q`` [tokens, heads, 2, half] and sub-keys ``keys``
         [heads, 2, n_keys, half]: (slots [tokens, heads, knn] int64, their scores), best first.
-        On the CPU the fused C++ search (``kernels.pk_search``); elsewhere, or with
-        ``backend: torch``, torch ops over the full half scores."""
+        The fused search (``kernels.pk_search``): C++ on the CPU, Triton on CUDA (or with
+        ``backend: triton``); with ``backend: torch``, or inputs no kernel serves (fp64 on CUDA),
+        torch ops over the full half scores."""
         c = self.config
-        fused = pk_search(q, keys, c.knn) if c.backend != "torch" else None
+        fused = pk_search(q, keys, c.knn, backend=c.backend) if c.backend != "torch" else None
         if fused is not None:  # tiled scoring, the C++ selection, a backward over the selected keys
             first, second, scores = fused
             return first * c.n_keys + second, scores
