@@ -18,6 +18,26 @@ from memray.errors import ReportedError, RunFailed, UsageError, UserError
 class _Group(click.Group):
     """Turns user errors (exit code 2) and failed runs (exit code 1) into one line."""
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `memray` alone: its help, as click prints it
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as exc:  # a wrong option or argument: one line, not click's three
+            command = exc.ctx.command_path if exc.ctx is not None else "memray"
+            click.echo(f"memray: error: {exc.format_message()} (see {command} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode ends
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -157,6 +177,88 @@ def evaluate(checkpoint, facts_path, limit, as_json, min_recall):
     if min_recall is not None and result["recall"] < min_recall:
         click.echo(f"memray: recall {result['recall']:.3f} is below --min-recall {min_recall}", err=True)
         sys.exit(1)
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts of a file, one per line: a JSON object's ``prompt`` (a facts file works as it
+    is), else the line itself; blank lines are skipped."""
+    from memray.errors import InputError
+
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot be read ({exc.__class__.__name__}: {exc})") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record.get("prompt"), str):
+                raise InputError(f'{path}:{number}: a JSON line needs a string "prompt"')
+            prompts.append(record["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise InputError(f"{path}: no prompts")
+    return prompts
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--prompt", "prompt_texts", multiple=True, help="A prompt (repeatable).")
+@click.option(
+    "--prompts",
+    "prompts_path",
+    type=click.Path(dir_okay=False),
+    help='A file of prompts, one per line (or JSON lines with "prompt", e.g. a facts file).',
+)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: no cut.")
+@click.option("--top-p", type=click.FloatRange(min=0, min_open=True, max=1), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines even for one prompt.")
+def generate(checkpoint, prompt_texts, prompts_path, max_new_tokens, temperature, top_k, top_p, seed, as_json):
+    """Continue prompts with a trained model: greedy, or sampled (temperature, top-k, top-p).
+
+    CHECKPOINT is a checkpoint directory or a run directory (its newest committed checkpoint);
+    the run's own tokenizer is used. One prompt streams its continuation to stdout as it is
+    decoded; several (or --json) print one JSON line each: {"prompt", "completion"}.
+
+    \b
+    Example:
+      memray generate runs/demo --prompt "The capital of Zarnia is"
+      memray generate runs/demo --prompts runs/demo/data/facts.jsonl --max-new-tokens 16 > out.jsonl
+    """
+    from memray.checkpoint.model import load_trained_model
+    from memray.data import saved_tokenizer
+    from memray.generate import Sampling, TextStream, generate_text
+    from memray.generate import generate as generate_ids
+
+    prompts = list(prompt_texts) + (read_prompts(prompts_path) if prompts_path else [])
+    if not prompts:
+        raise UsageError("give a --prompt or a --prompts file")
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    model, _, ckpt, _ = load_trained_model(checkpoint)
+    tokenizer = saved_tokenizer(ckpt)
+    if len(prompts) == 1 and not as_json:
+        stream = TextStream(tokenizer)
+        ids = generate_ids(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            sampling,
+            on_token=lambda _, ids: click.echo(stream.update(ids), nl=False),
+        )[0]
+        click.echo(tokenizer.decode(ids)[len(stream.shown) :])
+        return
+    for prompt, completion in zip(prompts, generate_text(model, tokenizer, prompts, max_new_tokens, sampling)):
+        click.echo(json.dumps({"prompt": prompt, "completion": completion}))
 
 
 @main.command()

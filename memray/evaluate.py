@@ -2,46 +2,16 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
-import torch
-
 from memray.data import ByteTokenizer, Fact
+from memray.generate import generate_text
 
 
-@torch.no_grad()
 def greedy_answers(
     model, tokenizer: ByteTokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256
 ) -> list[str]:
-    """Greedy continuation of ``BOS + prompt + " "`` up to EOS or ``max_new_tokens``.
-
-    Prompts are batched by token length, so no padding enters attention.
-    """
-    was_training = model.training
-    model.eval()
-    encoded = [tokenizer.encode(p + tokenizer.prompt_suffix, bos=True) for p in prompts]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, ids in enumerate(encoded):
-        by_length[len(ids)].append(i)
-    answers = [""] * len(prompts)
-    device = model.embed.weight.device
-    max_len = model.config.max_seq_len
-    for length, members in by_length.items():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
-            tokens = torch.tensor([encoded[i] for i in chunk], device=device)
-            steps = max(0, min(max_new_tokens, max_len - length))
-            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-            for _ in range(steps):
-                next_token = model(tokens)[:, -1].argmax(-1)
-                tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-                done |= next_token == tokenizer.eos_id
-                if bool(done.all()):
-                    break
-            for row, i in enumerate(chunk):
-                answers[i] = tokenizer.decode(tokens[row, length:].tolist())
-    model.train(was_training)
-    return answers
+    """Greedy continuation of ``BOS + prompt + prompt_suffix`` up to EOS or ``max_new_tokens``
+    (:func:`memray.generate.generate` with a KV cache; prompts batched by token length)."""
+    return generate_text(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
 
 
 def fact_recall(model, facts: list[Fact], tokenizer: ByteTokenizer | None = None) -> dict:

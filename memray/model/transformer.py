@@ -18,7 +18,7 @@ from torch import nn
 
 from memray.errors import ConfigError
 
-from .layers import Attention, RMSNorm, Rotary, SwiGLU
+from .layers import Attention, KVCache, LayerCache, RMSNorm, Rotary, SwiGLU
 from .memory import MemoryConfig, ProductKeyMemory
 from .moe import MoE, MoEConfig
 from .values import ValueTable, ValueTableBase
@@ -96,8 +96,8 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(c.dim, c.hidden, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -184,11 +184,26 @@ class Transformer(nn.Module):
         losses = [b.ffn.aux_loss * b.ffn.config.aux_loss_coef for b in self.blocks if isinstance(b.ffn, MoE)]
         return sum(losses) if losses else torch.zeros((), device=self.embed.weight.device)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab] (fp32; fp64 for an fp64 model)."""
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens (default
+        ``max_seq_len``), on the model's device and in its dtype."""
+        c, weight = self.config, self.embed.weight
+        length = min(max_len or c.max_seq_len, c.max_seq_len)
+        return KVCache(
+            len(self.blocks), batch, c.n_heads, c.dim // c.n_heads, length, device=weight.device, dtype=weight.dtype
+        )
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab] (fp32; fp64 for an fp64 model).
+
+        With ``cache`` (:meth:`new_cache`), ``tokens`` continue the sequences the cache holds:
+        only they run through the model, attending to the cached keys and values, and the cache
+        then holds them too."""
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length += tokens.shape[1]
         x = self.norm(x)
         logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
