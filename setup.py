@@ -45,6 +45,7 @@ setup(
         "cluster": ["ray[default,train,data]==2.60.0", "deepspeed==0.19.8"],
         "storage": ["pyarrow==26.0.1", "zarr==3.1.6", "tokenizers"],
         "plots": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
         "test": ["pytest"],
     },
     entry_points={"console_scripts": ["memray=memray.cli:main"]},

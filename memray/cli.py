@@ -262,6 +262,25 @@ def generate(checkpoint, prompt_texts, prompts_path, max_new_tokens, temperature
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG to write (default RUN/metrics.png).")
+def plot(run_dir, out):
+    """Plot a run's training curves from its metrics.jsonl as one PNG (no TensorBoard server).
+
+    Loss, learning rates, gradient norms, tokens/s, the share of each pool's slots read, and
+    the lookup imbalance across ranks. The same scalars are TensorBoard event files in the run
+    directory (`tensorboard --logdir RUN`).
+
+    \b
+    Example:
+      memray plot runs/demo --out demo.png
+    """
+    from memray.train.plot import plot_run
+
+    click.echo(plot_run(run_dir, out))
+
+
+@main.command()
 @click.argument("config")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Facts JSONL file to write.")

@@ -26,6 +26,8 @@ class TrainerConfig:
     async_checkpoint: bool = False  # write periodic checkpoints from snapshots while training goes on
     eval_facts: int = 0  # at the end, exact-match recall on up to this many training facts
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    # TensorBoard event files of the logged metrics beside metrics.jsonl (`tensorboard --logdir RUN`)
+    tensorboard: bool = True
     # one process (distributed.workers: 0) trains here; auto: a CUDA GPU when there is one. N ranks
     # train on their process group's device (a GPU per rank under NCCL).
     device: Literal["auto", "cpu", "cuda"] = "auto"

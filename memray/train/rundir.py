@@ -2,7 +2,9 @@
 
 ``RUN/config.yaml`` (the resolved config), ``RUN/tokenizer.json`` (a BPE the data was encoded
 with, for evaluation), ``RUN/data/facts.jsonl`` (the facts a run trains on, when it has any),
-``RUN/metrics.jsonl`` (one JSON object per logged step), ``RUN/log.txt`` and ``RUN/checkpoints/``.
+``RUN/metrics.jsonl`` (one JSON object per logged step), the same scalars as TensorBoard event
+files (``RUN/events.out.tfevents.*``, with ``train.tensorboard``), ``RUN/log.txt`` and
+``RUN/checkpoints/``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class RunDirectory(contextlib.AbstractContextManager):
         """``writer``: this process writes (rank 0); ``echo``: log lines go to stderr too."""
         self.path, self.writer, self.echo = Path(path), writer, echo
         self._files = contextlib.ExitStack()
-        self._metrics = self._log = None
+        self._metrics = self._log = self._events = None
 
     @property
     def checkpoints(self) -> Path:
@@ -60,7 +62,20 @@ class RunDirectory(contextlib.AbstractContextManager):
             write_facts(self.path / "data" / "facts.jsonl", facts)
         self._metrics = self._files.enter_context((self.path / METRICS).open("a"))
         self._log = self._files.enter_context((self.path / LOG).open("a"))
+        if config.train.tensorboard:
+            self._events = self._open_events()
         return self
+
+    def _open_events(self):
+        """A TensorBoard writer into the run directory, or None (and a log line) without tensorboard."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.log("tensorboard is not installed: no event files (pip install tensorboard; train.tensorboard: false)")
+            return None
+        writer = SummaryWriter(log_dir=str(self.path))
+        self._files.callback(writer.close)
+        return writer
 
     def __exit__(self, *exc) -> None:
         self._files.close()
@@ -79,3 +94,21 @@ class RunDirectory(contextlib.AbstractContextManager):
             return
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        if self._events is not None:
+            for tag, value in scalars(record):
+                self._events.add_scalar(tag, value, record["step"])
+            self._events.flush()
+
+
+def scalars(record: dict):
+    """(tag, number) of a metrics record for TensorBoard: its numbers, and per-rank lists as
+    ``<name>/rank<r>``; the step, flags and missing values are left out."""
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, (int, float)):
+            yield key, value
+        elif isinstance(value, list):
+            for rank, item in enumerate(value):
+                if isinstance(item, (int, float)) and not isinstance(item, bool):
+                    yield f"{key}/rank{rank}", item
