@@ -10,7 +10,7 @@ DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 # The whole pinned stack in ONE pip command, torch pinned in it: an unpinned torch pulls ~5 GB of CUDA.
 PINS := torch==2.13.0 triton==3.7.1 "ray[default,train,data]==2.60.0" deepspeed==0.19.8 \
         pyarrow==26.0.1 zarr==3.1.6 tokenizers==0.23.3 click pyyaml safetensors tqdm matplotlib tensorboard==2.20.0 \
-        pytest \
+        transformers==5.24.0 pytest \
         ruff==0.17.6
 
 # What a lent GPU host lacks (it has torch and triton), for cp312 x86-64: `make gpu-wheels`

@@ -46,6 +46,7 @@ setup(
         "storage": ["pyarrow==26.0.1", "zarr==3.1.6", "tokenizers"],
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        "hf": ["transformers>=4.45"],
         "test": ["pytest"],
     },
     entry_points={"console_scripts": ["memray=memray.cli:main"]},

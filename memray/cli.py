@@ -436,20 +436,39 @@ def inspect(checkpoint, as_json, pool, slot, usage_png):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["safetensors"]), default="safetensors", show_default=True)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The file to write.")
-def export(checkpoint, fmt, out):  # noqa: ARG001 - safetensors is the one format; click checks the choice
-    """Write the whole model (dense weights and every value pool, gathered) into one file.
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "hf"]), default="safetensors", show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="The file (safetensors) or directory (hf) to write.")
+@click.option(
+    "--max-pool-gib",
+    type=click.FloatRange(min=0, min_open=True),
+    default=16.0,
+    show_default=True,
+    help="hf: the largest value pools (together) exported whole; larger ones are refused.",
+)
+def export(checkpoint, fmt, out, max_pool_gib):
+    """Write the whole model (dense weights and every value pool, gathered) for other tools.
 
-    The pools are assembled in memory: for tables larger than RAM read memory.zarr directly.
+    safetensors: one file of every tensor. hf: a Hugging Face transformers model directory
+    (config.json with auto_map, model.safetensors, modeling_memray.py, the run's tokenizer):
+    AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) loads it where
+    memray-layers is installed. The pools are assembled in memory: for tables larger than RAM
+    read memory.zarr directly.
 
     \b
     Example:
       memray export runs/demo --format safetensors --out demo.safetensors
+      memray export runs/demo --format hf --out demo-hf
     """
     from safetensors.torch import save_file
 
     from memray.checkpoint.model import load_trained_model
+
+    if fmt == "hf":
+        from memray.integrations.hf import export_hf
+
+        path = export_hf(checkpoint, out, max_pool_bytes=int(max_pool_gib * 2**30))
+        click.echo(f"wrote {path}: a transformers model (AutoModelForCausalLM, trust_remote_code=True)")
+        return
 
     model, _, ckpt, manifest = load_trained_model(checkpoint)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

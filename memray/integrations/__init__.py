@@ -1,0 +1,1 @@
+"""memray with other tools: Hugging Face ``transformers`` export and memory retrofits (``hf``)."""
