@@ -210,13 +210,15 @@ def test_a_killed_head_loses_no_checkpoint_and_a_resubmission_continues(head, tm
     lines = [line for line in (tmp_path / "err.txt").read_text().splitlines() if line.startswith("memray:")]
     assert len(lines) == 1 and "lost the Ray cluster while following job" in lines[0], lines
     assert f"--run-dir {run}" in lines[0] and "Traceback" not in (tmp_path / "err.txt").read_text()
-    done = [p.name for p in committed_checkpoints(run / "checkpoints")]
-    assert "step-00000010" in done and memray("verify", run, env=env).returncode == 0
     # the head again (new ports), and the same submission into the run directory
     port, jobs_port = _free_port(), _free_port()
     up = memray("cluster", "up", "--port", port, "--dashboard-port", jobs_port, "--num-cpus", "2", env=env)
     assert up.returncode == 0, up.stderr
     head.pid = json.loads((head.home / "cluster.json").read_text())["pid"]  # what the last test stops
+    # the newest committed checkpoint now: the old job's ranks outlive their head by a second or
+    # two and may commit one more before they notice, which the resubmission must continue from
+    done = [p.name for p in committed_checkpoints(run / "checkpoints")]
+    assert "step-00000010" in done and memray("verify", run, env=env).returncode == 0
     newest = int(done[-1].removeprefix("step-"))
     again = memray("submit", "tiny", "--address", f"http://127.0.0.1:{jobs_port}", "--workers", "2", *every_5,
                    *sets(f"train.steps={newest + 5}"), "--run-dir", run, env=env)  # fmt: skip
