@@ -121,11 +121,16 @@ def _resolve_backend(backend, table):
         if not cpu_ext.available():
             raise ValueError(f"backend='cpp' requested but the C++ CPU kernels are unavailable: {cpu_ext.load_error}")
     if backend == "triton":
-        if not _has_triton():
-            raise ValueError("backend='triton' requested but triton is not installed")
-        if not table.is_cuda and not _interpreting():
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
+        require_triton(table)
     return backend
+
+
+def require_triton(tensor) -> None:
+    """Raises ValueError unless a Triton kernel can run on ``tensor``'s device."""
+    if not _has_triton():
+        raise ValueError("backend='triton' requested but triton is not installed")
+    if not tensor.is_cuda and not _interpreting():
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
 
 
 def _bag_ids(offsets, nnz):

@@ -50,13 +50,10 @@ TILE_BYTES = 2 << 20
 
 
 def _use_triton(q: torch.Tensor, backend: str) -> bool:
-    from .embedding_bag import _has_triton, _interpreting
+    from .embedding_bag import _has_triton, require_triton
 
     if backend == "triton":
-        if not _has_triton():
-            raise ValueError("backend='triton' requested but triton is not installed")
-        if not q.is_cuda and not _interpreting():
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
+        require_triton(q)
         return True
     return backend == "auto" and q.is_cuda and _has_triton()
 

@@ -9,7 +9,6 @@ from helpers import assert_one_line_error, memray_here
 from memray.data import ByteTokenizer
 from memray.generate import Sampling, TextStream, generate, generate_text
 from memray.model import MemoryConfig, ModelConfig, Transformer
-from memray.train import Trainer, load_run_config
 
 
 def model_of(ffn: str = "swiglu", memory_layers=(1,), seed: int = 0) -> Transformer:
@@ -80,14 +79,8 @@ def test_text_stream_holds_back_a_partial_character():
     assert stream.update([ord("a"), *snow]) == "é"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("generate") / "run"
-    Trainer(load_run_config("tiny", ["train.steps=30"]), run_dir=run_dir, progress=False).fit()
-    return run_dir
-
-
 def test_memray_generate_answers_as_memray_eval_does(tiny_run, tmp_path):
+    """On the session's one-process tiny run (conftest)."""
     facts = tiny_run / "data" / "facts.jsonl"
     evaluated = memray_here("eval", tiny_run, "--facts", facts, "--limit", 5, "--json")
     assert evaluated.returncode == 0, evaluated.stderr

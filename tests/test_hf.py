@@ -10,7 +10,6 @@ from memray.data import ByteTokenizer, generate_facts
 from memray.generate import generate
 from memray.model import MemoryConfig
 from memray.optim import LazyAdam
-from memray.train import Trainer, load_run_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,14 +19,8 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "run"
-    Trainer(load_run_config("tiny", ["train.steps=30"]), run_dir=path, progress=False).fit()
-    return path
-
-
-def test_export_loads_in_transformers_with_memrays_logits_and_tokens(run_dir, tmp_path):
+def test_export_loads_in_transformers_with_memrays_logits_and_tokens(tiny_run, tmp_path):
+    run_dir = tiny_run  # the session's one-process tiny run (conftest)
     result = memray_here("export", run_dir, "--format", "hf", "--out", tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     for name in ("config.json", "model.safetensors", "modeling_memray.py", "generation_config.json"):

@@ -154,47 +154,38 @@ def test_triton_search_ranks_nan_below_every_number():
     assert not (first == 3).any() and not (second == 0).any()
 
 
+def layer_run(backend, dtype, qk_norm, seed, heads, tokens):
+    """A layer's selected slots, scores and every dense gradient (input included) on one batch."""
+    torch.manual_seed(seed)
+    layer = make_layer(dtype=dtype, n_keys=9, knn=6, heads=heads, qk_norm=qk_norm, backend=backend)
+    x = torch.randn(tokens, 24, dtype=dtype, generator=torch.Generator().manual_seed(seed + 1), requires_grad=True)
+    rows, scores = layer.topk(x)
+    layer(x).square().sum().backward()
+    return rows, scores, [x.grad] + [p.grad for p in layer.parameters() if p.grad is not None and not p.grad.is_sparse]
+
+
+def assert_same_layer_run(a, b, **tolerance):
+    (rows_a, scores_a, grads_a), (rows_b, scores_b, grads_b) = a, b
+    assert torch.equal(rows_a, rows_b)
+    torch.testing.assert_close(scores_a, scores_b, **tolerance)
+    assert len(grads_a) == len(grads_b) > 2
+    for x, y in zip(grads_a, grads_b):
+        torch.testing.assert_close(x, y, **tolerance)
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_layer_selection_and_gradients_equal_the_torch_search(qk_norm):
     """backend auto (the C++ selection on CPU) and torch (three topk calls): the same slots, the
     same scores, and gradients equal within 1e-12 (float64)."""
-    torch.manual_seed(3)
-    outs = []
-    for backend in ("auto", "torch"):
-        torch.manual_seed(3)
-        layer = make_layer(dtype=torch.float64, n_keys=9, knn=6, heads=3, qk_norm=qk_norm, backend=backend)
-        x = torch.randn(2, 13, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-        x.requires_grad_(True)
-        rows, scores = layer.topk(x)
-        layer(x).square().sum().backward()
-        grads = [x.grad] + [p.grad for p in layer.parameters() if p.grad is not None and not p.grad.is_sparse]
-        outs.append((rows, scores, grads))
-    (rows_a, scores_a, grads_a), (rows_b, scores_b, grads_b) = outs
-    assert torch.equal(rows_a, rows_b)
-    torch.testing.assert_close(scores_a, scores_b, atol=1e-12, rtol=0)
-    assert len(grads_a) == len(grads_b) > 2
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    runs = [layer_run(backend, torch.float64, qk_norm, seed=3, heads=3, tokens=26) for backend in ("auto", "torch")]
+    assert_same_layer_run(*runs, atol=1e-12, rtol=0)
 
 
 def test_layer_with_the_triton_search_equals_the_torch_search():
     """backend triton (the Triton search and lookup, interpreted on CPU) against backend torch,
     fp32: the same slots, scores and gradients to fp32 rounding (sums run in another order)."""
-    outs = []
-    for backend in ("triton", "torch"):
-        torch.manual_seed(5)
-        layer = make_layer(n_keys=9, knn=6, heads=2, qk_norm=True, backend=backend)
-        x = torch.randn(16, 24, generator=torch.Generator().manual_seed(6), requires_grad=True)
-        rows, scores = layer.topk(x)
-        layer(x).square().sum().backward()
-        grads = [x.grad] + [p.grad for p in layer.parameters() if p.grad is not None and not p.grad.is_sparse]
-        outs.append((rows, scores, grads))
-    (rows_a, scores_a, grads_a), (rows_b, scores_b, grads_b) = outs
-    assert torch.equal(rows_a, rows_b)
-    torch.testing.assert_close(scores_a, scores_b)
-    assert len(grads_a) == len(grads_b) > 2
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(a, b)
+    runs = [layer_run(backend, torch.float32, True, seed=5, heads=2, tokens=16) for backend in ("triton", "torch")]
+    assert_same_layer_run(*runs)
 
 
 def test_scores_are_fp32_for_low_precision_layers():

@@ -10,14 +10,8 @@ from helpers import assert_one_line_error, memray_here
 from memray.train import Trainer, load_run_config
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tb") / "run"
-    Trainer(load_run_config("tiny", ["train.log_every=2"]), run_dir=path, progress=False).fit()
-    return path
-
-
-def test_event_files_hold_the_logged_metrics(run_dir):
+def test_event_files_hold_the_logged_metrics(tiny_run):
+    run_dir = tiny_run  # `memray train tiny --workers 0`, every step logged (conftest)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -43,8 +37,8 @@ def test_no_event_files_when_switched_off_or_without_tensorboard(tmp_path, monke
     assert "tensorboard is not installed" in (tmp_path / "missing" / "log.txt").read_text()
 
 
-def test_memray_plot(run_dir, tmp_path):
-    result = memray_here("plot", run_dir, "--out", tmp_path / "curves.png")
+def test_memray_plot(tiny_run, tmp_path):
+    result = memray_here("plot", tiny_run, "--out", tmp_path / "curves.png")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_one_line_error(memray_here("plot", tmp_path / "nowhere"), "nowhere")
