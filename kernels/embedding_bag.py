@@ -262,7 +262,10 @@ def _backward_torch(grad_out, indices, weights, table, offsets, need_w, need_t):
     return grad_weights, unique_rows, row_grads
 
 
-def _backward_cpp(grad_out, indices, weights, table, offsets, need_w, need_t):
+def _backward_cpp(grad_out, indices, weights, table, offsets, need_w, need_t, rule=None):
+    """With ``rule`` (``(name, arguments)`` of a fused row update, see
+    ``BackwardRowUpdate.fused_rule``) the touched rows of ``table`` are updated in place and the
+    third value returned is each row's squared gradient norm [U] instead of the row gradients."""
     ops = cpu_ext.load()
     nnz, D = indices.numel(), table.shape[1]
     acc = _acc_dtype(table.dtype, weights.dtype, grad_out.dtype)
@@ -271,18 +274,20 @@ def _backward_cpp(grad_out, indices, weights, table, offsets, need_w, need_t):
     bag_ids = _bag_ids(offsets, nnz)
     order, unique_rows, seg = _row_segments(indices)
     grad_weights = _alloc.empty(nnz, dtype=acc, device=weights.device) if need_w else None
-    row_grads = _alloc.empty(unique_rows.numel(), D, dtype=table.dtype, device=table.device) if need_t else None
-    ops.bag_backward(
-        _row_major(grad_out.to(acc)),
-        bag_ids,
-        weights.to(acc).contiguous(),
-        _row_major(table),
-        order,
-        seg,
-        unique_rows,
-        grad_weights,
-        row_grads,
-    )
+    grad_out, weights_acc = _row_major(grad_out.to(acc)), weights.to(acc).contiguous()
+    if rule is None:
+        row_grads = _alloc.empty(unique_rows.numel(), D, dtype=table.dtype, device=table.device) if need_t else None
+        csr = (order, seg, unique_rows, grad_weights, row_grads)
+        ops.bag_backward(grad_out, bag_ids, weights_acc, _row_major(table), *csr)
+    else:
+        name, args = rule
+        if name not in FUSED_RULES:
+            raise ValueError(f"no fused backward for rule {name!r}; one of {FUSED_RULES}")
+        # the table itself, never a copy: the op updates it in place (and checks its layout)
+        row_grads = torch.empty(unique_rows.numel(), dtype=torch.float32, device=table.device)
+        getattr(ops, f"bag_backward_{name}")(
+            grad_out, bag_ids, weights_acc, table, order, seg, unique_rows, grad_weights, row_grads, **args
+        )
     if need_w:
         grad_weights = _cast_into_output(grad_weights, weights.dtype)
     return grad_weights, (unique_rows if need_t else None), row_grads
@@ -323,28 +328,9 @@ def _backward_update(grad_out, indices, weights, table, offsets, backend, need_w
     acc = _acc_dtype(table.dtype, weights.dtype, grad_out.dtype)
     fused = update.fused_rule(table) if backend == "cpp" else None
     if fused is not None and acc == torch.float32 and table.dtype in (torch.float32, torch.bfloat16):
-        rule, args = fused
-        if rule not in FUSED_RULES:
-            raise ValueError(f"no fused backward for rule {rule!r}; one of {FUSED_RULES}")
-        nnz = indices.numel()
-        bag_ids = _bag_ids(offsets, nnz)
-        order, unique_rows, seg = _row_segments(indices)
-        grad_weights = _alloc.empty(nnz, dtype=acc, device=weights.device) if need_w else None
-        row_sq = torch.empty(unique_rows.numel(), dtype=torch.float32, device=table.device)
-        getattr(cpu_ext.load(), f"bag_backward_{rule}")(
-            _row_major(grad_out.to(acc)),
-            bag_ids,
-            weights.to(acc).contiguous(),
-            table,
-            order,
-            seg,
-            unique_rows,
-            grad_weights,
-            row_sq,
-            **args,
-        )
+        grad_weights, _, row_sq = _backward_cpp(grad_out, indices, weights, table, offsets, need_w, True, rule=fused)
         update.record(row_sq)
-        return _cast_into_output(grad_weights, weights.dtype) if need_w else None
+        return grad_weights
     grad_weights, rows, row_grads = _backward(grad_out, indices, weights, table, offsets, backend, need_w, True)
     row_grads = row_grads.float()
     update.record(torch.linalg.vecdot(row_grads, row_grads))

@@ -200,10 +200,10 @@ class RowSparseOptimizer(torch.optim.Optimizer, ABC):
         """The rule of ``table``'s group as a lookup's ``row_update``: pass the result to the one
         lookup that reads ``table`` each step; ``step()`` skips ``table`` from then on."""
         group = self._group_of(table)
+        self._check_in_backward(group, table)
         state = self.state[table]
         if not state:
             self._init_state(group, table, state)
-        self._check_in_backward(group, table)
         self._in_backward.add(id(table))
         return BackwardUpdate(self, table)
 

@@ -192,9 +192,10 @@ class Trainer:
             for p in values:
                 if p.grad is not None:
                     (p.grad._values() if p.grad.is_sparse else p.grad).div_(self.world)
-        value_norm = clip_grads(values, c.optim.value_grad_clip, self.memory_sum)
         if self.backward_updates:  # the pools were updated in the backward, which measured their norms
             value_norm = math.sqrt(sum(update.take_norm()[0] ** 2 for update in self.backward_updates))
+        else:
+            value_norm = clip_grads(values, c.optim.value_grad_clip, self.memory_sum)
         grad_norm = self.dense.step(c.optim.lr * factor)
         if self.value_optimizer is not None:
             self.value_optimizer.step()
