@@ -96,13 +96,21 @@ def train(config, overrides, run_dir, no_progress, workers, address, resume):
       memray train tiny --workers 3 --resume runs/tiny-20260101-000000   # any world size
       memray train tiny --set distributed.launcher=processes              # local processes, no Ray
     """
-    from memray.train import Trainer, load_run_config, train_local
-    from memray.train.launch_local import check_launch
-    from memray.train.rundir import resolve_run_dir
+    from memray.train import load_run_config
 
     if workers is not None:
         overrides = [*overrides, f"distributed.workers={workers}"]
     run_config = load_run_config(config, list(overrides))
+    _launch(run_config, run_dir, no_progress, address, resume)
+
+
+def _launch(run_config, run_dir, no_progress: bool, address: str | None, resume: str | None) -> None:
+    """Train ``run_config`` on one process, local processes or Ray Train workers, as its
+    ``distributed`` section says; print the result as one JSON line."""
+    from memray.train import Trainer, train_local
+    from memray.train.launch_local import check_launch
+    from memray.train.rundir import resolve_run_dir
+
     progress = not no_progress and sys.stderr.isatty()
     d = run_config.distributed
     if address and (d.workers < 1 or d.launcher != "ray"):
@@ -137,6 +145,95 @@ def _kept(exc: RunFailed, run_dir) -> RunFailed:
     with path.open("a") as handle:
         handle.write(f"{datetime.now().isoformat(timespec='seconds')} {exc}\n{exc.details}\n")
     return RunFailed(f"{exc} (traceback in {path})", exc.details)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(),
+    help="The new data: a facts JSONL file, a text file, or a directory of `memray ingest` shards.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory of the finetuned model.")
+@click.option(
+    "--mode",
+    type=click.Choice(["full", "lora", "memory", "sparse-memory"]),
+    default="sparse-memory",
+    show_default=True,
+    help="What trains: every parameter, low-rank adapters, the value pools, or each step's top rows of them.",
+)
+@click.option("--slots-per-batch", type=click.IntRange(min=1), help="sparse-memory: rows per pool and step (t).")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (sets train.steps).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Dense / adapter lr (sets optim.lr).")
+@click.option(
+    "--value-lr", type=click.FloatRange(min=0, min_open=True), help="Value-pool lr (sets model.memory.value_lr)."
+)
+@click.option("--lora-rank", type=click.IntRange(min=1), help="lora: the adapters' rank (default 8).")
+@click.option("--train-keys", is_flag=True, help="memory: the memory layers' sub-keys train too.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--workers", type=int, help="Ranks (sets distributed.workers; default: the base run's).")
+@click.option("--address", help="Train on the Ray cluster at ADDR (as memray train --address).")
+@click.option("--no-progress", is_flag=True, help="Log lines instead of a progress bar.")
+def finetune(
+    checkpoint,
+    data,
+    out,
+    mode,
+    slots_per_batch,
+    steps,
+    lr,
+    value_lr,
+    lora_rank,
+    train_keys,
+    overrides,
+    workers,
+    address,
+    no_progress,
+):
+    """Teach the model of CHECKPOINT (or a run directory's newest) new data, starting from its
+    weights and usage counts, training only what --mode says.
+
+    \b
+    sparse-memory (the default) updates per step only the --slots-per-batch value rows per pool
+    that the batch reads most relative to the base model's own usage of them (TF-IDF), which
+    learns new facts with the least forgetting of old ones (see the README's table). The result
+    is a run directory like memray train's; rerunning the command continues it.
+
+    \b
+    Example:
+      memray finetune runs/demo --data new_facts.jsonl --out runs/demo-new --steps 300 --workers 0
+      memray finetune runs/demo --data new.jsonl --out runs/demo-lora --mode lora --lora-rank 16 --lr 1e-3
+    """
+    from memray.train.finetune import finetune_config
+
+    flags = [
+        f"{key}={value}"
+        for key, value in (
+            ("train.steps", steps),
+            ("optim.lr", lr),
+            ("model.memory.value_lr", value_lr),
+            ("distributed.workers", workers),
+        )
+        if value is not None
+    ]
+    for given, flag, wanted in (
+        (train_keys, "--train-keys", "memory"),
+        (slots_per_batch, "--slots-per-batch", "sparse-memory"),
+        (lora_rank, "--lora-rank", "lora"),
+    ):
+        if given and mode != wanted:
+            raise UsageError(f"{flag} applies to --mode {wanted}, not {mode}")
+    run_config = finetune_config(
+        checkpoint,
+        data,
+        mode,
+        [*overrides, *flags],
+        slots_per_batch=slots_per_batch,
+        lora_rank=lora_rank,
+        train_keys=train_keys,
+    )
+    _launch(run_config, out, no_progress, address, None)
 
 
 @main.command(name="eval")

@@ -19,6 +19,7 @@ from torch import nn
 from memray.errors import ConfigError
 
 from .layers import Attention, KVCache, LayerCache, RMSNorm, Rotary, SwiGLU
+from .lora import LoRALinear, adapted
 from .memory import MemoryConfig, ProductKeyMemory
 from .moe import MoE, MoEConfig
 from .values import ValueTable, ValueTableBase
@@ -43,8 +44,16 @@ class ModelConfig:
     memory_pools: dict[str, list[int]] = field(default_factory=dict)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # low-rank adapters on every attention projection (qkv, proj) and SwiGLU projection (gate,
+    # up, down); 0: none. `memray finetune --mode lora` sets it (memray.model.lora)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def __post_init__(self):
+        if self.lora_rank < 0:
+            raise ConfigError("lora_rank", f"must be >= 0, got {self.lora_rank}")
+        if self.lora_alpha <= 0:
+            raise ConfigError("lora_alpha", f"must be > 0, got {self.lora_alpha}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
@@ -95,6 +104,12 @@ class Block(nn.Module):
             self.ffn = MoE(c.dim, c.moe.hidden or c.hidden, c.moe, device=device)
         else:
             self.ffn = SwiGLU(c.dim, c.hidden, device=device)
+        if c.lora_rank:
+            targets = [(self.attn, "qkv"), (self.attn, "proj")]
+            if isinstance(self.ffn, SwiGLU):
+                targets += [(self.ffn, "gate"), (self.ffn, "up"), (self.ffn, "down")]
+            for module, name in targets:
+                setattr(module, name, adapted(getattr(module, name), c.lora_rank, c.lora_alpha))
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cache)
@@ -163,6 +178,8 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, Rotary, ProductKeyMemory, MoE, ValueTableBase)):
                 module.reset_parameters()
+            elif isinstance(module, LoRALinear):
+                module.reset_lora()
 
     def value_tables(self) -> dict[str, ValueTableBase]:
         """Pool name -> value table, whether the model owns the pools or was given them."""

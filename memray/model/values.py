@@ -112,6 +112,9 @@ class ValueTableBase(nn.Module, ABC):
         self.register_buffer("usage_count", torch.empty(shard.rows, dtype=torch.int64, device=device))
         self.register_buffer("usage_mass", torch.empty(shard.rows, dtype=torch.float32, device=device))
         self.stats = LookupStats()
+        # a list while a step's lookups are being collected (sparse-memory finetuning): each
+        # lookup appends the rows of this process's part it read (relative to row_range)
+        self.step_rows: list[torch.Tensor] | None = None
         self.reset_parameters()
 
     @classmethod
@@ -173,10 +176,14 @@ class ValueTableBase(nn.Module, ABC):
         (fp32 accumulation). ``record``: add the lookups to the usage statistics."""
 
     @torch.no_grad()
-    def record_owned(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
-        """Usage of rows of this process's part (indices relative to ``row_range``)."""
-        self.usage_count.index_add_(0, rows, torch.ones_like(rows))
-        self.usage_mass.index_add_(0, rows, weights.to(self.usage_mass.dtype))
+    def record_owned(self, rows: torch.Tensor, weights: torch.Tensor, usage: bool = True) -> None:
+        """Lookups of rows of this process's part (indices relative to ``row_range``): added to
+        the usage statistics (``usage``), and to ``step_rows`` while that collects a step's."""
+        if self.step_rows is not None:
+            self.step_rows.append(rows)
+        if usage:
+            self.usage_count.index_add_(0, rows, torch.ones_like(rows))
+            self.usage_mass.index_add_(0, rows, weights.to(self.usage_mass.dtype))
 
     # -- reductions over the processes holding the other parts ------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,8 +224,8 @@ class ValueTable(ValueTableBase):
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor, *, record: bool = False) -> torch.Tensor:
         self.stats.rows_served += indices.numel()
-        if record:
-            self.record_owned(indices.reshape(-1), weights.detach().reshape(-1))
+        if record or self.step_rows is not None:
+            self.record_owned(indices.reshape(-1), weights.detach().reshape(-1), usage=record)
         return embedding_bag(
             indices,
             weights,

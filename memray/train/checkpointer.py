@@ -112,30 +112,6 @@ class Checkpointer:
             extra_files=self.extra_files,
         )
 
-    def _check_same_model(self, ckpt: Path, attrs: dict, weights: dict) -> None:
-        """InputError naming the first tensor or pool whose shape differs between the checkpoint
-        and this run's model (a checkpoint of another model config), before anything is loaded."""
-        other = f"checkpoint {ckpt} holds another model (compare its config.yaml with this run's)"
-        for name, shape in self.shapes.items():
-            if name not in weights:
-                raise InputError(f"{other}: it has no '{name}'")
-            if tuple(weights[name].shape) != shape:
-                raise InputError(f"{other}: '{name}' is {list(weights[name].shape)} there, {list(shape)} here")
-        extra = sorted(set(weights) - set(self.shapes))
-        if extra:
-            raise InputError(f"{other}: it has '{extra[0]}', which this model lacks")
-        pools = attrs.get("pools", {})
-        for name, table in self.tables.items():
-            saved = pools.get(name)
-            here = [table.shard.num_rows, table.shard.dim]
-            if saved is None:
-                raise InputError(f"{other}: it has no value pool '{name}' (it has {sorted(pools)})")
-            if [saved["num_rows"], saved["dim"]] != here:
-                raise InputError(
-                    f"{other}: pool '{name}' is {[saved['num_rows'], saved['dim']]} there, {here} here"
-                    + (" (memray grow enlarges a pool)" if saved["num_rows"] < here[0] else "")
-                )
-
     def _value_state(self, table) -> dict:
         if self.value_optimizer is None:
             return {}
@@ -146,7 +122,7 @@ class Checkpointer:
         (collective): each rank reads only its rows and columns of every pool. Returns the
         checkpoint and its attributes (step, and the ``progress`` it was saved with)."""
         ckpt, manifest, attrs, weights, moments = load_training_state(path)
-        self._check_same_model(ckpt, attrs, weights)
+        check_same_model(ckpt, attrs, weights, self.shapes, self.tables)
         self.dense.restore(weights, moments, attrs["step"])
         for name, table in self.tables.items():
             arrays = load_pool_shard(ckpt, name, table.row_range, table.col_range, manifest)
@@ -161,3 +137,29 @@ class Checkpointer:
                 state.update({k: torch.tensor(v) for k, v in scalars.items()})
                 self.value_optimizer.state[table.weight] = state
         return ckpt, attrs
+
+
+def check_same_model(ckpt: Path, attrs: dict, weights: dict, shapes: dict[str, tuple[int, ...]], tables: dict) -> None:
+    """InputError naming the first tensor or pool whose shape differs between checkpoint ``ckpt``
+    (its ``attrs`` and dense ``weights``) and a model of dense tensor ``shapes`` and value pools
+    ``tables`` (a checkpoint of another model config), before anything is loaded."""
+    other = f"checkpoint {ckpt} holds another model (compare its config.yaml with this run's)"
+    for name, shape in shapes.items():
+        if name not in weights:
+            raise InputError(f"{other}: it has no '{name}'")
+        if tuple(weights[name].shape) != shape:
+            raise InputError(f"{other}: '{name}' is {list(weights[name].shape)} there, {list(shape)} here")
+    extra = sorted(set(weights) - set(shapes))
+    if extra:
+        raise InputError(f"{other}: it has '{extra[0]}', which this model lacks")
+    pools = attrs.get("pools", {})
+    for name, table in tables.items():
+        saved = pools.get(name)
+        here = [table.shard.num_rows, table.shard.dim]
+        if saved is None:
+            raise InputError(f"{other}: it has no value pool '{name}' (it has {sorted(pools)})")
+        if [saved["num_rows"], saved["dim"]] != here:
+            raise InputError(
+                f"{other}: pool '{name}' is {[saved['num_rows'], saved['dim']]} there, {here} here"
+                + (" (memray grow enlarges a pool)" if saved["num_rows"] < here[0] else "")
+            )

@@ -81,6 +81,35 @@ class DistributedConfig:
             raise ConfigError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
 
 
+FINETUNE_MODES = ("full", "lora", "memory", "sparse-memory")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """Training that starts from another run's weights (``memray finetune``), and what trains.
+
+    ``mode``: off (ordinary training); full (every parameter); lora (low-rank adapters of rank
+    ``model.lora_rank`` on the attention and SwiGLU projections, nothing else); memory (the value
+    pools, and the memory layers' sub-keys with ``train_keys``); sparse-memory (per step, only the
+    ``slots_per_batch`` rows of each pool that the batch reads most relative to the base
+    checkpoint's usage: TF-IDF, :mod:`memray.train.finetune`)."""
+
+    mode: Literal["off", "full", "lora", "memory", "sparse-memory"] = "off"
+    base: str | None = None  # the checkpoint whose weights (and usage counts) the run starts from
+    slots_per_batch: int = 1000  # sparse-memory: rows updated per pool and step (t)
+    train_keys: bool = False  # memory: the sub-keys train too
+
+    def __post_init__(self):
+        if self.mode not in ("off", *FINETUNE_MODES):
+            raise ConfigError("mode", f"{self.mode!r} is not one of off, {', '.join(FINETUNE_MODES)}")
+        if self.mode != "off" and not self.base:
+            raise ConfigError("base", f"mode {self.mode} starts from a checkpoint: set finetune.base")
+        if self.slots_per_batch < 1:
+            raise ConfigError("slots_per_batch", f"must be >= 1, got {self.slots_per_batch}")
+        if self.train_keys and self.mode != "memory":
+            raise ConfigError("train_keys", f"applies to mode memory, not {self.mode}")
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     name: str = "run"
@@ -91,6 +120,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
         if self.data.seq_len > self.model.max_seq_len:
@@ -106,6 +136,22 @@ class RunConfig:
                         f"backward needs each pool read by one layer; pool '{pool}' is read by blocks {layers}",
                     )
 
+        f = self.finetune
+        if f.mode in ("memory", "sparse-memory") and not self.model.memory_layers:
+            raise ConfigError("finetune.mode", f"{f.mode} trains memory layers; the model has none")
+        if f.mode == "sparse-memory":
+            if not self.optim.sparse_values:
+                raise ConfigError(
+                    "optim.value_optimizer", "sparse-memory finetuning needs a row-sparse value optimizer, not adamw"
+                )
+            if self.optim.value_update == "backward":
+                raise ConfigError(
+                    "optim.value_update",
+                    "sparse-memory finetuning ranks the rows a whole batch read before any is updated: use step",
+                )
+        if f.mode == "lora" and not self.model.lora_rank:
+            raise ConfigError("model.lora_rank", "lora finetuning needs adapters: set model.lora_rank >= 1")
+
     def with_absolute_paths(self) -> RunConfig:
         """This config with ``data.path`` made absolute against the current directory: for
         workers whose working directory is not the caller's (Ray workers and jobs)."""
@@ -115,6 +161,8 @@ class RunConfig:
         out = copy.deepcopy(self)
         if out.data.path:
             out.data.path = str(Path(out.data.path).expanduser().resolve())
+        if out.finetune.base:
+            out.finetune.base = str(Path(out.finetune.base).expanduser().resolve())
         return out
 
     def check_world(self) -> None:

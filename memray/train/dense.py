@@ -54,12 +54,18 @@ class DenseTraining(ABC):
 
 
 class LocalDense(DenseTraining):
-    """Dense parameters on one process: a torch AdamW with decay groups."""
+    """Dense parameters on one process: a torch AdamW with decay groups over the parameters that
+    train (``requires_grad``; none: no optimizer, and a step does nothing).
 
-    def __init__(self, model: Transformer, config: OptimConfig):
-        self.model, self.grad_clip = model, config.grad_clip
+    ``world > 1``: the model is replicated on ``world`` ranks that each hold a part of the batch
+    (the finetuning modes that train few dense parameters, or none); each step first averages
+    the gradients over the ranks, in one all-reduce, so every replica takes the same step."""
+
+    def __init__(self, model: Transformer, config: OptimConfig, world: int = 1):
+        self.model, self.grad_clip, self.world = model, config.grad_clip, world
         self.named = model.named_dense_parameters()
-        self.optimizer = build_dense_optimizer(self.named, config)
+        self.trainable = [(name, p) for name, p in self.named if p.requires_grad]
+        self.optimizer = build_dense_optimizer(self.trainable, config) if self.trainable else None
 
     def loss_sum(self, inputs, targets):
         return summed_token_loss(self.model(inputs), targets)
@@ -67,8 +73,21 @@ class LocalDense(DenseTraining):
     def backward(self, loss):
         loss.backward()
 
-    def step(self, lr: float) -> float:
-        norm = clip_grads([p for _, p in self.named], self.grad_clip)
+    def _average_gradients(self) -> None:
+        from memray.distributed import collectives
+
+        params = [p for _, p in self.trainable]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        flat = collectives.sum_over(flat).div_(self.world)
+        for p, part in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = part.view_as(p).clone()
+
+    def step(self, lr: float) -> float | None:
+        if self.optimizer is None:
+            return None
+        if self.world > 1:
+            self._average_gradients()
+        norm = clip_grads([p for _, p in self.trainable], self.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -81,7 +100,7 @@ class LocalDense(DenseTraining):
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, p in self.named:
-            state = self.optimizer.state.get(p, {})
+            state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
             for key in ("exp_avg", "exp_avg_sq"):
                 out[f"{key}.{name}"] = (
                     state[key].detach().clone() if key in state else torch.zeros_like(p, dtype=torch.float32)
@@ -91,7 +110,7 @@ class LocalDense(DenseTraining):
     def restore(self, weights, moments, step):
         self.model.load_state_dict(weights, strict=False)
         # torch Adam(W) state as its own first step would create it, then the saved values
-        for name, p in self.named:
+        for name, p in self.trainable:
             state = self.optimizer.state[p]
             state["step"] = torch.tensor(float(step), dtype=torch.float32)
             for key in ("exp_avg", "exp_avg_sq"):

@@ -43,6 +43,7 @@ from .checkpointer import Checkpointer
 from .config import BACKWARD_NEEDS_ONE_PROCESS, RunConfig
 from .deepspeed import DeepSpeedDense
 from .dense import LocalDense
+from .finetune import Finetune, lr_note
 from .metrics import MetricsProcessor
 from .rundir import RunDirectory, resolve_run_dir
 
@@ -90,8 +91,15 @@ class Trainer:
         self.tables = self.model.value_tables()
         # before ZeRO-3 partitions the parameters in place
         dense_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        # finetuning: the base checkpoint's weights, and what trains (before the optimizers)
+        self.finetune = None
+        if config.finetune.mode != "off":
+            self.finetune = Finetune(config, self.model, self.tables, dense_shapes, self.tokenizer)
         if context is None:
             self.dense = LocalDense(self.model, o)
+        elif config.finetune.mode not in ("off", "full"):
+            # few dense parameters train, or none: replicas averaging their gradients
+            self.dense = LocalDense(self.model, o, world=self.world)
         else:
             self.dense = DeepSpeedDense(
                 self.model, config, max(b - a for a, b in shares), self.world, rows=len(self.batches.rows)
@@ -182,6 +190,8 @@ class Trainer:
             if c.train.precision == "bf16"
             else contextlib.nullcontext()
         )
+        if self.finetune is not None:
+            self.finetune.begin_step()
         with autocast:
             loss = self.dense.loss_sum(inputs, targets) / max(num_targets, 1)
             # x world: DeepSpeed averages dense gradients over ranks; pools' are divided below
@@ -192,6 +202,7 @@ class Trainer:
             for p in values:
                 if p.grad is not None:
                     (p.grad._values() if p.grad.is_sparse else p.grad).div_(self.world)
+        selection = self.finetune.select() if self.finetune is not None else {}
         if self.backward_updates:  # the pools were updated in the backward, which measured their norms
             value_norm = math.sqrt(sum(update.take_norm()[0] ** 2 for update in self.backward_updates))
         else:
@@ -202,7 +213,13 @@ class Trainer:
             self.value_optimizer.zero_grad(set_to_none=True)
         self.step += 1
         loss = float(self._sum(loss.detach()))
-        return {"loss": loss, "grad_norm": grad_norm, "value_grad_norm": value_norm, "lr": c.optim.lr * factor}
+        return {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "value_grad_norm": value_norm,
+            "lr": c.optim.lr * factor,
+            **selection,
+        }
 
     def fit(self) -> dict:
         c = self.config
@@ -226,6 +243,8 @@ class Trainer:
             )
             sizes = f"{params['dense']:,} dense + {params['memory']:,} memory parameters"
             run.log(f"run {c.name} in {self.run_dir}{where}: {sizes}")
+            if self.finetune is not None:
+                run.log(f"{lr_note(c)}: {self.finetune.trainable():,} trainable parameters")
             if self.resumed_from is not None:
                 run.log(f"continuing from {self.resumed_from} (step {self.step})")
             num_tokens = c.train.batch_size * c.data.seq_len  # the global batch
