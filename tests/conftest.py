@@ -64,6 +64,26 @@ def pytest_sessionfinish():
 
 
 @pytest.fixture
+def one_thread_beside_demo(monkeypatch):
+    """For a test whose result does not depend on torch's thread count: while the demo trains in
+    the background (on one thread, on one of the two cores), the test's torch also gets one, in
+    this process (restored after) and in the processes it starts (OMP_NUM_THREADS). Two threads
+    beside the demo's wait for each other at every parallel region while one of them is
+    descheduled: the same work took 3-7x as long. Without the demo (a file run alone, make
+    test-fast), torch's default."""
+    if "process" not in _demo or _demo["process"].poll() is not None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def demo_run() -> Path:
     """The run directory of `memray train demo` (one process), once its background training ends."""
     assert "process" in _demo, "the demo's training starts when a demo test is collected"
