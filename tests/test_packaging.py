@@ -22,7 +22,6 @@ def run(*args, cwd, env=None) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.usefixtures("one_thread_beside_demo")
 def test_the_wheel_installs_into_a_fresh_venv_and_trains(tmp_path):
     dist = tmp_path / "dist"
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", dist, REPO, cwd=tmp_path)
