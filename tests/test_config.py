@@ -23,8 +23,12 @@ def test_overrides_are_typed_and_nested():
             "optim.betas=[0.8, 0.9]",
             "model.memory.v_dim=null",
             "model.memory_pools={a: [1]}",
+            "optim.lr=3e-5",  # YAML 1.1 reads this as a string (it wants 3.0e-5); a float key takes it
         ],
     )
+    assert config.optim.lr == 3e-5
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_run_config("tiny", ["optim.lr=fast"])
     assert config.train.steps == 3 and config.model.memory.knn == 4
     assert config.optim.betas == [0.8, 0.9] and config.model.memory.v_dim is None
     assert config.model.memory_pools == {"a": [1]}
