@@ -28,6 +28,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (still run by make test)")
     config.addinivalue_line("markers", "demo: the demo's minutes-long recall promise (make test; not make test-fast)")
     config.addinivalue_line("markers", "gpu: run by make gpu-check on its device (MEMRAY_GPU_CHECK_DEVICE)")
+    config.addinivalue_line("markers", "threads: keeps torch's threads while the demo trains in the background")
 
 
 # The demo's training (minutes) runs in the background on one thread from the start of the
@@ -63,15 +64,15 @@ def pytest_sessionfinish():
         shutil.rmtree(_demo["root"], ignore_errors=True)
 
 
-@pytest.fixture
-def one_thread_beside_demo(monkeypatch):
-    """For a test whose result does not depend on torch's thread count: while the demo trains in
-    the background (on one thread, on one of the two cores), the test's torch also gets one, in
-    this process (restored after) and in the processes it starts (OMP_NUM_THREADS). Two threads
-    beside the demo's wait for each other at every parallel region while one of them is
-    descheduled: the same work took 3-7x as long. Without the demo (a file run alone, make
-    test-fast), torch's default."""
-    if "process" not in _demo or _demo["process"].poll() is not None:
+@pytest.fixture(autouse=True)
+def one_thread_beside_demo(request, monkeypatch):
+    """While the demo trains in the background (on one thread, on one of the two cores), every
+    test's torch gets one thread too, in this process (restored after) and in the processes it
+    starts (OMP_NUM_THREADS): two threads beside the demo's wait for each other at every parallel
+    region while one of them is descheduled, and the same work took 3-7x as long. A test marked
+    ``threads`` (it exercises the kernels' multithreaded paths) keeps torch's default. Without the
+    demo (a file run alone, make test-fast), nothing changes."""
+    if request.node.get_closest_marker("threads") or "process" not in _demo or _demo["process"].poll() is not None:
         yield
         return
     threads = torch.get_num_threads()

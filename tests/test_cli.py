@@ -39,7 +39,6 @@ def test_help_has_examples():
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_thread_beside_demo")
 def test_run_directory_then_eval(tiny_run, tmp_path):
     """What `memray train tiny --workers 0` (conftest ``tiny_run``) leaves, and `memray eval` on it."""
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())

@@ -37,7 +37,6 @@ def test_flops_of_dense_memory_and_moe_blocks():
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_thread_beside_demo")
 def test_factual_recall_smoke_matches_models(tmp_path):
     """A few steps of three of the benchmark's models: its output, and the dense and MoE models
     matched to Memory+ in FLOPs per token (and the MoE in parameters)."""

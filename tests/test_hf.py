@@ -80,7 +80,6 @@ def greedy_recall(model, inputs, labels) -> float:
     return float((~wrong.any(-1)).float().mean())
 
 
-@pytest.mark.usefixtures("one_thread_beside_demo")
 def test_retrofit_keeps_the_function_then_learns_facts_in_memory_only(tmp_path):
     from memray.integrations.hf import add_memory, load_memory, save_memory
 

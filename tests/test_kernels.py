@@ -19,6 +19,10 @@ from tolerances import TOL, assert_close
 import memray.kernels as K
 from memray.kernels import _alloc, bag_backward, bag_forward, cpu_ext, embedding_bag, embedding_bag_reference
 
+# the kernels' multithreaded paths (OpenMP over rows and bags) are what these tests check: they
+# keep torch's threads while the demo trains in the background (conftest)
+pytestmark = pytest.mark.threads
+
 EB_MODULE = sys.modules["memray.kernels.embedding_bag"]
 KERNELS_DIR = pathlib.Path(K.__file__).resolve().parent
 
