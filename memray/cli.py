@@ -28,7 +28,8 @@ class _Group(click.Group):
             sys.exit(0)
         except click.UsageError as exc:  # a wrong option or argument: one line, not click's three
             command = exc.ctx.command_path if exc.ctx is not None else "memray"
-            click.echo(f"memray: error: {exc.format_message()} (see {command} --help)", err=True)
+            message = " ".join(exc.format_message().split())  # click folds some (a choice list) over lines
+            click.echo(f"memray: error: {message} (see {command} --help)", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             exc.show()
@@ -159,9 +160,9 @@ def _kept(exc: RunFailed, run_dir) -> RunFailed:
 @click.option(
     "--mode",
     type=click.Choice(["full", "lora", "memory", "sparse-memory"]),
-    default="sparse-memory",
-    show_default=True,
-    help="What trains: every parameter, low-rank adapters, the value pools, or each step's top rows of them.",
+    required=True,
+    help="What trains: every parameter, low-rank adapters, the value pools, or each step's top rows of them "
+    "(see the README's table before choosing).",
 )
 @click.option("--slots-per-batch", type=click.IntRange(min=1), help="sparse-memory: rows per pool and step (t).")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (sets train.steps).")
@@ -195,14 +196,16 @@ def finetune(
     weights and usage counts, training only what --mode says.
 
     \b
-    sparse-memory (the default) updates per step only the --slots-per-batch value rows per pool
-    that the batch reads most relative to the base model's own usage of them (TF-IDF), which
-    learns new facts with the least forgetting of old ones (see the README's table). The result
-    is a run directory like memray train's; rerunning the command continues it.
+    memory trains the value pools alone (with the base run's optimizer: tune --value-lr);
+    sparse-memory updates per step only the --slots-per-batch rows per pool that the batch reads
+    most relative to the base model's own usage of them (TF-IDF). Both learn new facts with far
+    less forgetting of old ones than full or LoRA finetuning (the README's table). The result is
+    a run directory like memray train's; rerunning the command continues it.
 
     \b
     Example:
-      memray finetune runs/demo --data new_facts.jsonl --out runs/demo-new --steps 300 --workers 0
+      memray finetune runs/demo --data new.jsonl --out runs/demo-new --mode memory --steps 100 --workers 0
+      memray finetune runs/demo --data new.jsonl --out runs/demo-sm --mode sparse-memory --slots-per-batch 3000
       memray finetune runs/demo --data new.jsonl --out runs/demo-lora --mode lora --lora-rank 16 --lr 1e-3
     """
     from memray.train.finetune import finetune_config
