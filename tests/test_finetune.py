@@ -1,6 +1,11 @@
 """memray finetune: what each mode trains, sparse-memory's row selection, sharded equality."""
 
+import csv
+import json
 import math
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,6 +40,7 @@ def dense_state(model) -> dict[str, torch.Tensor]:
 def test_sparse_memory_updates_only_the_top_rows_by_tf_idf(tiny_run, new_facts, tmp_path, monkeypatch):
     t = 8
     trainer = trainer_for(tiny_run, new_facts, "sparse-memory", tmp_path / "ft", slots_per_batch=t)
+    assert trainer.config.optim.value_optimizer == "lazy_adam"  # stateful: its state must stay too
     ((name, table),) = trainer.tables.items()
     base_counts = table.usage_count.clone()  # the base checkpoint's, as loaded
     assert base_counts.sum() > 0
@@ -139,29 +145,39 @@ def test_two_ranks_select_the_same_rows_and_reach_the_same_losses(tiny_run, new_
 
 def test_finetune_errors_are_one_line(tiny_run, new_facts, tmp_path):
     out = tmp_path / "out"
+    sparse = ("--out", out, "--mode", "sparse-memory", "--workers", "0")
+    assert_one_line_error(memray_here("finetune", tiny_run, "--data", new_facts, "--out", out), "--mode")
     assert_one_line_error(
-        memray_here("finetune", tiny_run, "--data", new_facts, "--out", out, "--lora-rank", "4"),
+        memray_here("finetune", tiny_run, "--data", new_facts, *sparse, "--lora-rank", "4"),
         "--lora-rank applies to --mode lora",
     )
+    assert_one_line_error(memray_here("finetune", tiny_run, "--data", tmp_path / "missing.jsonl", *sparse), "missing")
+    assert_one_line_error(memray_here("finetune", tmp_path, "--data", new_facts, *sparse), str(tmp_path))
     assert_one_line_error(
-        memray_here("finetune", tiny_run, "--data", tmp_path / "missing.jsonl", "--out", out), "missing.jsonl"
-    )
-    assert_one_line_error(
-        memray_here("finetune", tmp_path, "--data", new_facts, "--out", out, "--workers", "0"), str(tmp_path)
-    )
-    assert_one_line_error(
-        memray_here(
-            "finetune",
-            tiny_run,
-            "--data",
-            new_facts,
-            "--out",
-            out,
-            "--workers",
-            "0",
-            "--set",
-            "optim.value_update=backward",
-        ),
+        memray_here("finetune", tiny_run, "--data", new_facts, *sparse, "--set", "optim.value_update=backward"),
         "value_update",
     )
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_continual_benchmark_smoke(tiny_run, tmp_path):
+    """The benchmark's plumbing at a few steps: every run of the grids, one chosen per mode."""
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "continual.py"
+    args = ["--base", tiny_run, "--modes", "full,sparse-memory", "--lrs", "full=1e-4", "--lrs", "sparse-memory=30,300"]
+    args += ["--slots", "16", "--steps", "2", "--points", "1", "--new", "10", "--workdir", tmp_path / "work"]
+    result = subprocess.run(
+        [sys.executable, script, *map(str, args), "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["new_facts"] == 10 and summary["steps"] == 2 and summary["sparse-memory_slots"] == 16
+    with open(tmp_path / "continual.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["mode"], float(r["lr"])) for r in rows] == [
+        ("full", 1e-4),
+        ("sparse-memory", 30),
+        ("sparse-memory", 300),
+    ]
+    assert sorted(r["mode"] for r in rows if r["chosen"] == "True") == ["full", "sparse-memory"]
+    assert (tmp_path / "continual_curve.png").read_bytes()[:4] == b"\x89PNG"

@@ -198,7 +198,8 @@ def finetune_config(
 ) -> RunConfig:
     """The run config of finetuning checkpoint ``base`` (or a run directory's newest) on ``data``
     in ``mode``: the base run's config with the finetune section, the new data, then
-    ``overrides`` (``a.b=c``, as ``memray train --set``)."""
+    ``overrides`` (``a.b=c``, as ``memray train --set``): optimizers and learning rates are the
+    base run's unless they say otherwise."""
     ckpt = find_checkpoint(base).resolve()
     try:
         raw = yaml.safe_load((ckpt / CONFIG).read_text())
@@ -236,15 +237,14 @@ def check_same_tokenizer(ckpt: Path, tokenizer, data: str | None) -> None:
 def lr_note(config: RunConfig) -> str:
     """One log line of what a finetuning run trains, at which rates."""
     f, o, m = config.finetune, config.optim, config.model.memory
-    rates = {
-        "full": f"lr {o.lr:g}, value lr {m.value_lr if m.value_lr is not None else o.lr:g}",
+    value_lr = f"value lr {m.value_lr if m.value_lr is not None else o.lr:g} ({o.value_optimizer})"
+    what = {
+        "full": f"lr {o.lr:g}, {value_lr}",
         "lora": f"rank {config.model.lora_rank}, lr {o.lr:g}",
-        "memory": f"value lr {m.value_lr if m.value_lr is not None else o.lr:g}"
-        + (f", keys lr {o.lr:g}" if f.train_keys else ""),
-        "sparse-memory": f"{f.slots_per_batch} rows per pool and step, value lr "
-        f"{m.value_lr if m.value_lr is not None else o.lr:g}",
-    }
-    return f"finetuning ({f.mode}: {rates[f.mode]}) from {f.base}"
+        "memory": value_lr + (f", keys lr {o.lr:g}" if f.train_keys else ""),
+        "sparse-memory": f"{f.slots_per_batch} rows per pool and step, {value_lr}",
+    }[f.mode]
+    return f"finetuning ({f.mode}: {what}) from {f.base}"
 
 
 __all__ = ["Finetune", "data_source", "finetune_config", "keep_rows", "lr_note", "top_rows"]
