@@ -118,11 +118,12 @@ def test_each_mode_trains_what_it_says_and_saves_a_normal_checkpoint(tiny_run, n
 
 
 @pytest.mark.slow
-def test_two_ranks_select_the_same_rows_and_reach_the_same_losses(tiny_run, new_facts, tmp_path):
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_two_ranks_select_the_same_rows_and_reach_the_same_losses(tiny_run, new_facts, tmp_path, layout):
     # row layout: each rank ranks the rows it owns, the global top t is chosen from the gathered
-    # candidates (a column-sharded pool sees every lookup on every rank and ranks locally)
+    # candidates; column layout: every rank sees every lookup and ranks all rows itself
     common = ("--mode", "sparse-memory", "--steps", "8", "--slots-per-batch", "16", "--no-progress")
-    options = sets("train.log_every=1", "distributed.launcher=processes")
+    options = sets("train.log_every=1", "distributed.launcher=processes", f"model.memory.layout={layout}")
     one = memray("finetune", tiny_run, "--data", new_facts, "--out", tmp_path / "one", "--workers", "0", *common)
     two = memray(
         "finetune", tiny_run, "--data", new_facts, "--out", tmp_path / "two", "--workers", "2", *common, *options
