@@ -100,8 +100,7 @@ class _RowLookup(torch.autograd.Function):
         offsets = torch.zeros(num_bags_in + 1, dtype=torch.int64, device=device)
         torch.cumsum(torch.bincount(bag, minlength=num_bags_in), 0, out=offsets[1:])
         table.stats.rows_served += rows.numel()
-        if record or table.step_rows is not None:
-            table.record_owned(rows, w, usage=record)
+        table.record_owned(rows, w, usage=record)
         partial = bag_forward(rows, w, shard, offsets, table.backend)  # [bags_in, D]
         returned = _exchange(partial, bags_in, bags_out, table)  # [bags_out, D], bag_keys order
         out = torch.zeros(T, shard.shape[1], dtype=partial.dtype, device=device).index_add_(0, bag_token, returned)
@@ -141,8 +140,7 @@ class _ColumnLookup(torch.autograd.Function):
         all_w = _exchange(weights.reshape(-1).to(_wire_dtype(weights)).repeat(W), [T * L] * W, entries_in, table)
         offsets = torch.arange(0, sum(entries_in) + 1, L, dtype=torch.int64, device=device)
         table.stats.rows_served += all_rows.numel()
-        if record or table.step_rows is not None:
-            table.record_owned(all_rows, all_w, usage=record)
+        table.record_owned(all_rows, all_w, usage=record)
         partial = bag_forward(all_rows, all_w, shard, offsets, table.backend)  # [sum T_s, D_r]
         widths = table.col_widths
         pieces = _exchange(partial.reshape(-1), [t * shard.shape[1] for t in tokens_in], [T * d for d in widths], table)

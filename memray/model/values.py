@@ -178,7 +178,8 @@ class ValueTableBase(nn.Module, ABC):
     @torch.no_grad()
     def record_owned(self, rows: torch.Tensor, weights: torch.Tensor, usage: bool = True) -> None:
         """Lookups of rows of this process's part (indices relative to ``row_range``): added to
-        the usage statistics (``usage``), and to ``step_rows`` while that collects a step's."""
+        the usage statistics (``usage``), and to ``step_rows`` while that collects a step's.
+        Every lookup calls it; it does nothing when neither is asked for."""
         if self.step_rows is not None:
             self.step_rows.append(rows)
         if usage:
@@ -224,8 +225,7 @@ class ValueTable(ValueTableBase):
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor, *, record: bool = False) -> torch.Tensor:
         self.stats.rows_served += indices.numel()
-        if record or self.step_rows is not None:
-            self.record_owned(indices.reshape(-1), weights.detach().reshape(-1), usage=record)
+        self.record_owned(indices.reshape(-1), weights.detach().reshape(-1), usage=record)
         return embedding_bag(
             indices,
             weights,

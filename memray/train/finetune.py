@@ -30,11 +30,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from memray.checkpoint import CONFIG, find_checkpoint
 from memray.checkpoint.sharded import load_pool_shard, load_training_state
-from memray.config import apply_overrides, from_dict
+from memray.config import apply_overrides, from_dict, read_yaml
 from memray.data import saved_tokenizer
 from memray.distributed import collectives
 from memray.errors import InputError
@@ -201,12 +200,7 @@ def finetune_config(
     ``overrides`` (``a.b=c``, as ``memray train --set``): optimizers and learning rates are the
     base run's unless they say otherwise."""
     ckpt = find_checkpoint(base).resolve()
-    try:
-        raw = yaml.safe_load((ckpt / CONFIG).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"checkpoint {ckpt}: {CONFIG} cannot be read ({exc})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"checkpoint {ckpt}: {CONFIG} holds no mapping")
+    raw = read_yaml(ckpt / CONFIG)
     source = data_source(data)
     raw["name"] = f"{raw.get('name') or 'run'}-{mode}"
     raw["run_dir"] = None
