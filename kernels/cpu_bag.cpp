@@ -30,6 +30,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using at::ScalarType;
@@ -616,9 +620,8 @@ void bag_backward_sgd(const Tensor& grad_out, const Tensor& bag_ids, const Tenso
 // the top-knn of the k1 x k1 sums, best first. Order everywhere: higher score first, ties to the
 // lower index (key index within a half, slot index i * n_keys + j for the sums), the order of a
 // brute-force search over all n_keys**2 slots. Replaces three torch.topk calls (a full pass each
-// and a sort) by one pass per half that keeps a short sorted list, and a scan of the sums that
-// stops each line once it falls below the current knn-th best: float addition is monotone, so a
-// sum of sorted halves never rises along a line.
+// and a sort) by a bound on each half's k1-th score and on the knn-th sum, found cheaply, and a
+// sort of the few keys and sums at or above it.
 
 // Insertion into a short sorted list: the general path (any k, NaN anywhere).
 template <typename S>
@@ -638,45 +641,230 @@ inline void top_keys_insert(const S* s, int64_t n, int64_t k, S* best, int64_t* 
   }
 }
 
-// The fast path: split the keys into blocks of kBlock and take the k-th largest block maximum:
-// k blocks hold a key at least that high, so it bounds the k-th score from below. One
-// vectorised pass keeps the keys at or above it (a few times k of n for any smooth
-// distribution), and a sort of those by (score desc, index asc) gives the top k in the same
-// order as the insertion path. Falls back to it where k exceeds the number of blocks or fewer
-// than k keys pass (NaN everywhere).
 template <typename S>
-inline void top_keys(const S* s, int64_t n, int64_t k, S* best, int64_t* index, std::vector<S>& block_max,
-                     std::vector<S>& scratch, std::vector<std::pair<S, int64_t>>& pool) {
-  constexpr int64_t kBlock = 8;
-  const int64_t blocks = n / kBlock;
-  if (k > blocks) return top_keys_insert(s, n, k, best, index);
-  block_max.resize(blocks);
-  for (int64_t b = 0; b < blocks; ++b) {
-    S m = -std::numeric_limits<S>::infinity();
-    for (int64_t d = 0; d < kBlock; ++d) m = s[b * kBlock + d] > m ? s[b * kBlock + d] : m;  // skips NaN
-    block_max[b] = m;
+struct SelectScratch {
+  std::vector<S> maxima, values, padded;
+  std::vector<int32_t> passed, order;
+  std::vector<int64_t> slot;
+  std::vector<int32_t> a, b;
+};
+
+// The order of m numbers (no NaN) by (value desc, position asc): order[r] = position of rank r.
+template <typename S>
+inline void order_by_value(const S* v, int64_t m, int32_t* order, SelectScratch<S>&) {
+  for (int64_t p = 0; p < m; ++p) order[p] = static_cast<int32_t>(p);
+  std::stable_sort(order, order + m, [v](int32_t x, int32_t y) { return v[x] > v[y]; });
+}
+
+// The k-th largest of v (no NaN, at least k numbers).
+template <typename S>
+inline S kth_largest(std::vector<S>& v, int64_t k, SelectScratch<S>&) {
+  std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<S>());
+  return v[k - 1];
+}
+
+// Indices i in [begin, n), ascending, with s[i] >= bar, written to `out`; returns how many.
+template <typename S>
+inline int64_t keys_at_least_scalar(const S* s, int64_t begin, int64_t n, S bar, int32_t* out) {
+  int64_t count = 0;
+  for (int64_t i = begin; i < n; ++i) {
+    out[count] = static_cast<int32_t>(i);
+    count += s[i] >= bar;  // branch-free; NaN compares false
   }
-  scratch.assign(block_max.begin(), block_max.end());
-  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<S>());
-  const S bar = scratch[k - 1];
-  pool.clear();
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (!(block_max[b] >= bar)) continue;
-    for (int64_t i = b * kBlock; i < (b + 1) * kBlock; ++i) {
-      if (s[i] >= bar) pool.emplace_back(s[i], i);
+  return count;
+}
+
+template <typename S>
+inline int64_t keys_at_least(const S* s, int64_t n, S bar, int32_t* out) {
+  return keys_at_least_scalar(s, 0, n, bar, out);
+}
+
+#if defined(__AVX2__)
+// Float specialisations, 8 lanes at a time and without data-dependent branches: sorting or
+// selecting among a few dozen floats is otherwise mostly mispredicted branches. The selection
+// makes each of these calls twice per token and head.
+
+// Above these many numbers the O(m^2 / 8) compares of counting ranks cost more than a sort
+// (ordering a search's candidates) or than nth_element (finding a bound: it needs no order).
+constexpr int64_t kMaxCounted = 256, kMaxCountedKth = 64;
+
+// For each 8-bit mask, the lanes of its set bits packed low: a compress is one permute.
+struct LaneTable {
+  alignas(32) int32_t lanes[256][8];
+  LaneTable() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int filled = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        if (mask & (1 << lane)) lanes[mask][filled++] = lane;
+      }
+      while (filled < 8) lanes[mask][filled++] = 0;
     }
   }
-  for (int64_t i = blocks * kBlock; i < n; ++i) {  // the tail past the last whole block
-    if (s[i] >= bar) pool.emplace_back(s[i], i);
+};
+const LaneTable kPacked;
+
+// Ranks in the order (value desc, position asc) of the 8 numbers in lanes `vi`, at positions
+// i0 .. i0 + 7 of v[0..m): how many of v[0..m) are above each, plus those equal to it at a lower
+// position. Vectorised over the 8 numbers, one broadcast per v[j]; a compare is -1 or 0.
+inline __m256i ranks_of(const float* v, int64_t m, __m256 vi, int64_t i0) {
+  __m256i rank = _mm256_setzero_si256();
+  const int64_t lo = std::min(i0, m), hi = std::min(i0 + 8, m);
+  for (int64_t j = 0; j < lo; ++j) {  // lower positions count when at or above
+    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(_mm256_cmp_ps(_mm256_set1_ps(v[j]), vi, _CMP_GE_OQ)));
   }
-  if (static_cast<int64_t>(pool.size()) < k) return top_keys_insert(s, n, k, best, index);
-  auto before = [](const std::pair<S, int64_t>& x, const std::pair<S, int64_t>& y) {
-    return x.first > y.first || (x.first == y.first && x.second < y.second);
-  };
-  std::partial_sort(pool.begin(), pool.begin() + k, pool.end(), before);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t j = lo; j < hi; ++j) {  // within the block: at or above for the lanes past j
+    const __m256 vj = _mm256_set1_ps(v[j]);
+    const __m256i past = _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(j - i0)));
+    const __m256 hit = _mm256_blendv_ps(_mm256_cmp_ps(vj, vi, _CMP_GT_OQ), _mm256_cmp_ps(vj, vi, _CMP_GE_OQ),
+                                        _mm256_castsi256_ps(past));
+    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(hit));
+  }
+  for (int64_t j = hi; j < m; ++j) {  // higher positions count when above
+    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(_mm256_cmp_ps(_mm256_set1_ps(v[j]), vi, _CMP_GT_OQ)));
+  }
+  return rank;
+}
+
+template <>
+inline void order_by_value<float>(const float* v, int64_t m, int32_t* order, SelectScratch<float>& w) {
+  if (m > kMaxCounted) {
+    for (int64_t p = 0; p < m; ++p) order[p] = static_cast<int32_t>(p);
+    std::stable_sort(order, order + m, [v](int32_t x, int32_t y) { return v[x] > v[y]; });
+    return;
+  }
+  w.padded.assign(v, v + m);  // whole vectors to load; the padding's ranks are not used
+  w.padded.resize((m + 7) / 8 * 8, 0.0f);
+  alignas(32) int32_t ranks[8];
+  for (int64_t i0 = 0; i0 < m; i0 += 8) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ranks), ranks_of(v, m, _mm256_loadu_ps(w.padded.data() + i0), i0));
+    for (int64_t p = i0; p < std::min(i0 + 8, m); ++p) order[ranks[p - i0]] = static_cast<int32_t>(p);
+  }
+}
+
+// The number of rank k - 1, found by counting (ranks are distinct) rather than by
+// nth_element's unpredictable branches.
+template <>
+inline float kth_largest<float>(std::vector<float>& v, int64_t k, SelectScratch<float>&) {
+  const auto m = static_cast<int64_t>(v.size());
+  if (m > kMaxCountedKth) {
+    std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<float>());
+    return v[k - 1];
+  }
+  // padded with -inf at the highest positions: below every number, the rank k - 1 stays put
+  v.resize((m + 7) / 8 * 8, -std::numeric_limits<float>::infinity());
+  const __m256i want = _mm256_set1_epi32(static_cast<int32_t>(k - 1));
+  __m256 found = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i0 = 0; i0 < static_cast<int64_t>(v.size()); i0 += 8) {
+    const __m256 vi = _mm256_loadu_ps(v.data() + i0);
+    const __m256i is_kth = _mm256_cmpeq_epi32(ranks_of(v.data(), static_cast<int64_t>(v.size()), vi, i0), want);
+    found = _mm256_max_ps(found, _mm256_blendv_ps(found, vi, _mm256_castsi256_ps(is_kth)));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, found);
+  return *std::max_element(lanes, lanes + 8);
+}
+
+template <>
+inline int64_t keys_at_least<float>(const float* s, int64_t n, float bar, int32_t* out) {
+  const __m256 b = _mm256_set1_ps(bar);
+  int64_t count = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const auto mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + i), b, _CMP_GE_OQ)));
+    const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPacked.lanes[mask]));
+    // all 8 lanes stored, the passing ones first: out[count, count + 8) lies within out[0, i + 8)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + count),
+                        _mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int32_t>(i))));
+    count += __builtin_popcount(mask);
+  }
+  return count + keys_at_least_scalar(s, i, n, bar, out + count);
+}
+#endif
+
+// A half's top k keys, best first. View the keys as rows of C columns (C a multiple of 8, at
+// least 2k): the k-th largest of the C column maxima bounds the k-th score from below (k
+// columns hold a key at least that high). The column maxima take one vectorised pass (a NaN
+// never wins a `>`, so it is skipped), the keys at or above the bound a second (a few times k of
+// n for any smooth distribution of scores), and ordering those by (score desc, index asc) gives
+// the top k in the insertion path's order. Keys past the last whole row belong to no column but
+// are scanned all the same. The insertion path serves halves shorter than C and those where
+// fewer than k keys pass (NaN or -inf nearly everywhere).
+template <typename S>
+inline void top_keys(const S* s, int64_t n, int64_t k, S* best, int64_t* index, SelectScratch<S>& w) {
+  const int64_t columns = std::max<int64_t>(8, (2 * k + 7) / 8 * 8), rows = n / columns;
+  if (rows < 1 || n > std::numeric_limits<int32_t>::max()) return top_keys_insert(s, n, k, best, index);
+  w.maxima.assign(columns, -std::numeric_limits<S>::infinity());
+  S* m = w.maxima.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* line = s + r * columns;
+    for (int64_t c = 0; c < columns; ++c) m[c] = line[c] > m[c] ? line[c] : m[c];  // vectorises to max
+  }
+  const S bar = kth_largest(w.maxima, k, w);
+  w.passed.resize(n);
+  const int64_t count = keys_at_least(s, n, bar, w.passed.data());
+  if (count < k) return top_keys_insert(s, n, k, best, index);
+  w.values.resize(count);
+  w.order.resize(count);
+  for (int64_t p = 0; p < count; ++p) w.values[p] = s[w.passed[p]];
+  order_by_value(w.values.data(), count, w.order.data(), w);  // passed is ascending: ties to the lower key
   for (int64_t r = 0; r < k; ++r) {
-    best[r] = pool[r].first;
-    index[r] = pool[r].second;
+    best[r] = w.values[w.order[r]];
+    index[r] = w.passed[w.order[r]];
+  }
+}
+
+// The best knn of the k1 x k1 sums s1[a] + s2[b] of two lists sorted best first (a NaN sum,
+// inf - inf, ranks as -inf), ordered by (sum desc, slot asc), slot = i1[a] * n_keys + i2[b];
+// writes each one's (a, b). The pairs with (a + 1)(b + 1) <= knn number at least knn (where
+// there are that many: otherwise every pair is a candidate), so their knn-th best sum bounds the
+// knn-th best of all from below. Every pair at or above that bound is collected (a line of sums
+// never rises: float addition is monotone, and so is the NaN-as--inf mapping), ordered by sum,
+// and equal sums put in slot order.
+template <typename S>
+inline void top_sums(const S* s1, const int64_t* i1, const S* s2, const int64_t* i2, int64_t k1, int64_t knn,
+                     int64_t n_keys, int32_t* a_of, int32_t* b_of, SelectScratch<S>& w) {
+  auto sum = [&](int64_t a, int64_t b) {
+    const S v = s1[a] + s2[b];
+    return v == v ? v : -std::numeric_limits<S>::infinity();
+  };
+  w.maxima.clear();
+  for (int64_t a = 0; a < k1 && a < knn; ++a) {
+    for (int64_t b = 0; b < k1 && (a + 1) * (b + 1) <= knn; ++b) w.maxima.push_back(sum(a, b));
+  }
+  const S bound = static_cast<int64_t>(w.maxima.size()) >= knn ? kth_largest(w.maxima, knn, w)
+                                                                : -std::numeric_limits<S>::infinity();
+  w.values.clear();
+  w.slot.clear();
+  w.a.clear();
+  w.b.clear();
+  for (int64_t a = 0; a < k1; ++a) {
+    if (sum(a, 0) < bound) break;  // every later line starts lower still
+    for (int64_t b = 0; b < k1; ++b) {
+      const S v = sum(a, b);
+      if (v < bound) break;
+      w.values.push_back(v);
+      w.slot.push_back(i1[a] * n_keys + i2[b]);
+      w.a.push_back(static_cast<int32_t>(a));
+      w.b.push_back(static_cast<int32_t>(b));
+    }
+  }
+  const auto m = static_cast<int64_t>(w.values.size());
+  w.order.resize(m);
+  int32_t* order = w.order.data();
+  order_by_value(w.values.data(), m, order, w);
+  // runs of equal sums into slot order (collection order is not slot order); a run that starts
+  // before knn decides which pairs are kept
+  for (int64_t r = 0; r < knn;) {
+    int64_t end = r + 1;
+    while (end < m && w.values[order[end]] == w.values[order[r]]) ++end;
+    if (end - r > 1) {
+      std::sort(order + r, order + end, [&](int32_t x, int32_t y) { return w.slot[x] < w.slot[y]; });
+    }
+    r = end;
+  }
+  for (int64_t k = 0; k < knn; ++k) {
+    a_of[k] = w.a[order[k]];
+    b_of[k] = w.b[order[k]];
   }
 }
 
@@ -685,40 +873,16 @@ void pk_select_kernel(const S* scores, int64_t rows, int64_t heads, int64_t stri
                       int64_t stride_half, int64_t n_keys, int64_t k1, int64_t knn, int64_t* out1, int64_t* out2,
                       S* out_scores) {
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    std::vector<S> s1(k1), s2(k1), kept(knn);
-    std::vector<int64_t> i1(k1), i2(k1), slot(knn), a_of(knn), b_of(knn);
-    std::vector<S> block_max, scratch;
-    std::vector<std::pair<S, int64_t>> pool;
+    std::vector<S> s1(k1), s2(k1);
+    std::vector<int64_t> i1(k1), i2(k1);
+    std::vector<int32_t> a_of(knn), b_of(knn);
+    SelectScratch<S> scratch;
     for (int64_t r = r0; r < r1; ++r) {
       const S* row = scores + (r / heads) * stride_t + (r % heads) * stride_h;  // row r = token * heads + head
       const S* other = row + stride_half;
-      top_keys(row, n_keys, k1, s1.data(), i1.data(), block_max, scratch, pool);
-      top_keys(other, n_keys, k1, s2.data(), i2.data(), block_max, scratch, pool);
-      // kept[0..filled) sorted best first by (sum desc, slot asc)
-      int64_t filled = 0;
-      for (int64_t a = 0; a < k1; ++a) {
-        for (int64_t b = 0; b < k1; ++b) {
-          const S v = s1[a] + s2[b];
-          const int64_t id = i1[a] * n_keys + i2[b];
-          if (filled == knn) {
-            const S worst = kept[knn - 1];
-            if (v < worst) break;  // the rest of this line is no higher
-            if (!(v > worst) && id > slot[knn - 1]) continue;
-          }
-          int64_t pos = filled < knn ? filled++ : knn - 1;
-          while (pos > 0 && (v > kept[pos - 1] || (!(v < kept[pos - 1]) && id < slot[pos - 1]))) {
-            kept[pos] = kept[pos - 1];
-            slot[pos] = slot[pos - 1];
-            a_of[pos] = a_of[pos - 1];
-            b_of[pos] = b_of[pos - 1];
-            --pos;
-          }
-          kept[pos] = v;
-          slot[pos] = id;
-          a_of[pos] = a;
-          b_of[pos] = b;
-        }
-      }
+      top_keys(row, n_keys, k1, s1.data(), i1.data(), scratch);
+      top_keys(other, n_keys, k1, s2.data(), i2.data(), scratch);
+      top_sums(s1.data(), i1.data(), s2.data(), i2.data(), k1, knn, n_keys, a_of.data(), b_of.data(), scratch);
       for (int64_t k = 0; k < knn; ++k) {
         out1[r * knn + k] = i1[a_of[k]];
         out2[r * knn + k] = i2[b_of[k]];

@@ -2,7 +2,10 @@
 
 A memory layer scores each half of a query against its ``n_keys`` sub-keys, keeps each half's
 best ``k1 = min(knn, n_keys)`` keys and then the best ``knn`` of the ``k1**2`` sums: exactly the
-best ``knn`` of all ``n_keys**2`` slots. :func:`pk_select` does that selection in one pass per
+best ``knn`` of all ``n_keys**2`` slots wherever sums of different half scores do not round to a
+tie (with an infinite half score, or halves so far apart in magnitude that a sum drops the
+smaller one's digits, a slot outside a half's best ``k1`` can tie with a selected one, and a
+brute-force sort might place it first by slot order). :func:`pk_select` does that selection in one pass per
 half (the C++ CPU kernels, ``cpu_bag.cpp``) instead of three ``torch.topk`` calls; it returns
 only indices, so the caller gathers the selected scores from its own differentiable tensor.
 

@@ -48,7 +48,10 @@ def test_cpp_selection_equals_brute_force_ties_included(rows, n_keys, knn, dtype
     if not cpu_ext.available():
         pytest.skip(f"C++ kernels unavailable: {cpu_ext.load_error}")
     torch.manual_seed(rows * n_keys + knn)
-    for scores in (torch.randn(rows, 2, n_keys, dtype=dtype), torch.randint(-1, 2, (rows, 2, n_keys)).to(dtype)):
+    random = torch.randn(rows, 2, n_keys, dtype=dtype)
+    # three values: most of a half ties at the top (the selection's sort path); quarters: a few
+    # dozen ties near each half's k-th key and among the sums (its counting path)
+    for scores in (random, torch.randint(-1, 2, (rows, 2, n_keys)).to(dtype), (random * 4).round() / 4):
         got, want = pk_select(scores, knn), pk_select_reference(scores, knn)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -71,6 +74,30 @@ def test_cpp_selection_ranks_nan_below_every_number(n_keys, knn):
     want_i, want_j = pk_select_reference(scores, knn)
     assert torch.equal(i, want_i) and torch.equal(j, want_j)
     assert not (i[:, :] == 2).any() and not (i[0] == 0).any()
+
+
+@pytest.mark.parametrize("n_keys,knn", [(6, 5), (1024, 32)])
+def test_cpp_selection_orders_infinities_as_brute_force(n_keys, knn):
+    """Infinite half scores: inf + -inf is NaN, so that slot ranks as -inf, below every finite
+    sum, as in the brute-force order; -inf sums tie (slot order decides). (Two +inf sums tie
+    whatever their other halves: there the product-key rule, each half's best keys first, is
+    not a brute-force sort; see kernels/pk_search.py.)"""
+    from memray.kernels import cpu_ext
+    from memray.kernels.pk_search import pk_select, pk_select_reference
+
+    if not cpu_ext.available():
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.load_error}")
+    inf = float("inf")
+    scores = torch.randn(5, 2, n_keys, generator=torch.Generator().manual_seed(n_keys + 1))
+    scores[0, 0, 3] = inf
+    scores[0, 1, 1:] = -inf  # one finite key in the second half: the inf key's other sums are NaN
+    scores[1, :, :] = -inf  # every sum -inf: the lowest slots
+    scores[2, 0, 4] = -inf  # one key of a half below every other
+    scores[3, 1, 2] = -inf  # a -inf key in each half
+    scores[3, 0, 5] = -inf
+    i, j = pk_select(scores, knn)
+    want_i, want_j = pk_select_reference(scores, knn)
+    assert torch.equal(i, want_i) and torch.equal(j, want_j)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
