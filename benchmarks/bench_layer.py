@@ -82,22 +82,24 @@ def _unavailable(*_args, **_kwargs):
 
 @contextlib.contextmanager
 def variant(layer, name: str):
-    """Run ``layer`` as ``name``: fused as built; torch_search with the fused C++ search reported
-    unavailable (the search in torch ops, the lookup still the C++ kernel); plain_torch with
-    ``backend: torch`` for the search and the lookup. One layer serves all three: one table."""
+    """Run ``layer`` as ``name``: fused as built; torch_search as the layer ran before the fused
+    kernels (the search and the query and sub-key norms in torch ops, the lookup still the C++
+    kernel); plain_torch with ``backend: torch`` (the lookup in torch ops too). One layer serves
+    all three: one table."""
     if name not in ("torch_search", "plain_torch"):
         yield
         return
+    from memray.kernels.row_norm import row_norm_reference
     from memray.model import memory
 
-    saved = memory.pk_search, layer.config.backend, layer.values.backend
-    memory.pk_search = _unavailable
+    saved = memory.pk_search, memory.row_norm, layer.config.backend, layer.values.backend
+    memory.pk_search, memory.row_norm = _unavailable, row_norm_reference
     if name == "plain_torch":
         layer.config.backend = layer.values.backend = "torch"
     try:
         yield
     finally:
-        memory.pk_search, layer.config.backend, layer.values.backend = saved
+        memory.pk_search, memory.row_norm, layer.config.backend, layer.values.backend = saved
 
 
 def make_layers(dim: int, n_keys: int, device: torch.device, want_lucidrains: bool):

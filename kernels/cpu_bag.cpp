@@ -1018,6 +1018,224 @@ void pk_score_backward(const Tensor& q, const Tensor& keys, const Tensor& first,
   }
 }
 
+// ---- the memory layer's query and sub-key norms -----------------------------------------------
+//
+// x [outer, groups, inner, d], contiguous; each row of d numbers belongs to group
+// g = (row / inner) % groups. Per row, optionally a LayerNorm over d with a per-group affine
+// (ln_weight, ln_bias [groups, d]), then optionally an RMS norm of each of `splits` equal
+// segments, times a per-group gain [groups, d] and `scale`:
+//   y = (x - mean) / sqrt(var + ln_eps) * w + b        (or y = x)
+//   z = y / sqrt(mean(y_seg^2) + rms_eps) * gain * scale (or z = y)
+// For queries: [tokens, heads, 1, k_dim], two segments (the halves); for sub-keys: [1, heads * 2,
+// n_keys, half], one. One pass over each row instead of a dozen elementwise passes over the whole
+// tensor; the backward recomputes the row's statistics from x (it is in cache). Parameter
+// gradients are summed per block of kNormBlock rows and the blocks in order: the same result
+// for any thread count.
+
+constexpr int64_t kNormBlock = 128;
+
+template <typename S>
+struct NormRow {
+  const S *w, *b, *gain;  // this row's group's slices, or nullptr
+  int64_t d, splits;
+  S scale, ln_eps, rms_eps;
+};
+
+template <typename S>
+inline S sum_of(const S* x, int64_t n) {
+  S part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) part[j] += x[i + j];
+  }
+  S tail = 0;
+  for (; i < n; ++i) tail += x[i];
+  return sum_lanes(part, tail);
+}
+
+// The LayerNorm's normalised row xhat (into `xhat`) and 1 / std; y = xhat * w + b into `y`.
+template <typename S>
+inline S norm_layer(const S* x, const NormRow<S>& p, S* xhat, S* y) {
+  const int64_t d = p.d;
+  if (p.w == nullptr) {
+    std::copy(x, x + d, y);
+    return S(1);
+  }
+  const S mean = sum_of(x, d) / S(d);
+  for (int64_t i = 0; i < d; ++i) xhat[i] = x[i] - mean;
+  const S rstd = S(1) / std::sqrt(dot(xhat, xhat, d) / S(d) + p.ln_eps);
+  for (int64_t i = 0; i < d; ++i) {
+    xhat[i] *= rstd;
+    y[i] = xhat[i] * p.w[i] + p.b[i];
+  }
+  return rstd;
+}
+
+template <typename S>
+void row_norm_forward_kernel(const S* x, int64_t rows, int64_t groups, int64_t inner, const NormRow<S>& shape, S* out) {
+  const int64_t d = shape.d, seg = d / shape.splits;
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<S> xhat(d), y(d);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t g = (r / inner) % groups;
+      NormRow<S> p = shape;
+      p.w = shape.w ? shape.w + g * d : nullptr;
+      p.b = shape.b ? shape.b + g * d : nullptr;
+      norm_layer(x + r * d, p, xhat.data(), y.data());
+      S* z = out + r * d;
+      if (shape.gain == nullptr) {
+        std::copy(y.begin(), y.end(), z);
+        continue;
+      }
+      const S* gain = shape.gain + g * d;
+      for (int64_t s = 0; s < d; s += seg) {
+        const S rr = S(1) / std::sqrt(dot(y.data() + s, y.data() + s, seg) / S(seg) + shape.rms_eps);
+        for (int64_t i = s; i < s + seg; ++i) z[i] = y[i] * rr * gain[i] * shape.scale;
+      }
+    }
+  });
+}
+
+// dx, and the parameters' gradients per block of rows (partials [blocks, groups, d] each).
+template <typename S>
+void row_norm_backward_kernel(const S* grad, const S* x, int64_t rows, int64_t groups, int64_t inner,
+                              const NormRow<S>& shape, S* dx, S* dw_part, S* db_part, S* dgain_part) {
+  const int64_t d = shape.d, seg = d / shape.splits;
+  const int64_t blocks = (rows + kNormBlock - 1) / kNormBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<S> xhat(d), y(d), dy(d);
+    for (int64_t k = k0; k < k1; ++k) {
+      S* dw = dw_part ? dw_part + k * groups * d : nullptr;
+      S* db = db_part ? db_part + k * groups * d : nullptr;
+      S* dgain = dgain_part ? dgain_part + k * groups * d : nullptr;
+      for (S* part : {dw, db, dgain}) {
+        if (part != nullptr) std::fill(part, part + groups * d, S(0));
+      }
+      for (int64_t r = k * kNormBlock; r < std::min(rows, (k + 1) * kNormBlock); ++r) {
+        const int64_t g = (r / inner) % groups;
+        NormRow<S> p = shape;
+        p.w = shape.w ? shape.w + g * d : nullptr;
+        p.b = shape.b ? shape.b + g * d : nullptr;
+        const S rstd = norm_layer(x + r * d, p, xhat.data(), y.data());
+        const S* dz = grad + r * d;
+        if (shape.gain == nullptr) {
+          std::copy(dz, dz + d, dy.begin());
+        } else {
+          // z = y * rr * u, u = gain * scale: dy = rr * u * dz - rr^3 / seg * y * <u * dz, y>
+          const S* gain = shape.gain + g * d;
+          S* dgain_g = dgain ? dgain + g * d : nullptr;
+          for (int64_t s = 0; s < d; s += seg) {
+            const S rr = S(1) / std::sqrt(dot(y.data() + s, y.data() + s, seg) / S(seg) + shape.rms_eps);
+            S* __restrict__ u = dy.data() + s;
+            const S* __restrict__ ys = y.data() + s;
+            const S* __restrict__ dzs = dz + s;
+            const S* __restrict__ gs = gain + s;
+            for (int64_t i = 0; i < seg; ++i) u[i] = dzs[i] * gs[i] * shape.scale;  // u * dz
+            const S c = rr * rr * rr * dot(u, ys, seg) / S(seg);
+            if (dgain_g != nullptr) {
+              S* __restrict__ dgs = dgain_g + s;
+              const S f = rr * shape.scale;
+              for (int64_t i = 0; i < seg; ++i) dgs[i] += dzs[i] * ys[i] * f;
+            }
+            for (int64_t i = 0; i < seg; ++i) u[i] = rr * u[i] - c * ys[i];
+          }
+        }
+        S* dxr = dx + r * d;
+        if (p.w == nullptr) {
+          std::copy(dy.begin(), dy.end(), dxr);
+          continue;
+        }
+        // y = xhat * w + b: dxhat = dy * w; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        S* __restrict__ g_dy = dy.data();
+        const S* __restrict__ xh = xhat.data();
+        if (dw != nullptr) {
+          S* __restrict__ dw_g = dw + g * d;
+          for (int64_t i = 0; i < d; ++i) dw_g[i] += g_dy[i] * xh[i];
+        }
+        if (db != nullptr) {
+          S* __restrict__ db_g = db + g * d;
+          for (int64_t i = 0; i < d; ++i) db_g[i] += g_dy[i];
+        }
+        for (int64_t i = 0; i < d; ++i) g_dy[i] *= p.w[i];  // dxhat
+        const S mean_dxhat = sum_of(g_dy, d) / S(d);
+        const S mean_dxhat_xhat = dot(g_dy, xh, d) / S(d);
+        for (int64_t i = 0; i < d; ++i) dxr[i] = rstd * (g_dy[i] - mean_dxhat - xh[i] * mean_dxhat_xhat);
+      }
+    }
+  });
+}
+
+template <typename S>
+NormRow<S> norm_row(const Tensor& x, const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias,
+                    const std::optional<Tensor>& gain, int64_t groups, int64_t splits, double scale, double ln_eps,
+                    double rms_eps) {
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(x.is_contiguous() && x.numel() % (groups * d) == 0, "x must be contiguous [outer, groups, inner, d]");
+  TORCH_CHECK(splits >= 1 && d % splits == 0, "d must split into `splits` equal segments");
+  TORCH_CHECK(ln_weight.has_value() == ln_bias.has_value(), "ln_weight and ln_bias come together");
+  for (const auto* t : {&ln_weight, &ln_bias, &gain}) {
+    if (t->has_value()) {
+      TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == groups * d,
+                  "parameters must be contiguous [groups, d] of x's dtype");
+    }
+  }
+  auto ptr = [](const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr<S>() : nullptr; };
+  return NormRow<S>{ptr(ln_weight), ptr(ln_bias), ptr(gain), d, splits, S(scale), S(ln_eps), S(rms_eps)};
+}
+
+void row_norm_forward(const Tensor& x, int64_t groups, int64_t inner, int64_t splits,
+                      const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias,
+                      const std::optional<Tensor>& gain, double scale, double ln_eps, double rms_eps,
+                      const Tensor& out) {
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
+              "out must be contiguous like x");
+  const int64_t rows = x.numel() / x.size(-1);
+  if (x.scalar_type() == ScalarType::Float) {
+    auto p = norm_row<float>(x, ln_weight, ln_bias, gain, groups, splits, scale, ln_eps, rms_eps);
+    row_norm_forward_kernel<float>(x.data_ptr<float>(), rows, groups, inner, p, out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(x.scalar_type() == ScalarType::Double, "x must be float32 or float64");
+    auto p = norm_row<double>(x, ln_weight, ln_bias, gain, groups, splits, scale, ln_eps, rms_eps);
+    row_norm_forward_kernel<double>(x.data_ptr<double>(), rows, groups, inner, p, out.data_ptr<double>());
+  }
+}
+
+// dw/db/dgain_part: [blocks, groups, d] with blocks = ceil(rows / row_norm_block()), or None
+void row_norm_backward(const Tensor& grad, const Tensor& x, int64_t groups, int64_t inner, int64_t splits,
+                       const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias,
+                       const std::optional<Tensor>& gain, double scale, double ln_eps, double rms_eps,
+                       const Tensor& dx, const std::optional<Tensor>& dw_part, const std::optional<Tensor>& db_part,
+                       const std::optional<Tensor>& dgain_part) {
+  const int64_t rows = x.numel() / x.size(-1), d = x.size(-1);
+  const int64_t blocks = (rows + kNormBlock - 1) / kNormBlock;
+  TORCH_CHECK(grad.is_contiguous() && grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
+              "grad must be contiguous like x");
+  TORCH_CHECK(dx.is_contiguous() && dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type(),
+              "dx must be contiguous like x");
+  for (const auto* t : {&dw_part, &db_part, &dgain_part}) {
+    if (t->has_value()) {
+      TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() &&
+                      (*t)->numel() == blocks * groups * d,
+                  "parameter gradients must be contiguous [blocks, groups, d] of x's dtype");
+    }
+  }
+  auto run = [&](auto zero) {
+    using S = decltype(zero);
+    auto p = norm_row<S>(x, ln_weight, ln_bias, gain, groups, splits, scale, ln_eps, rms_eps);
+    auto ptr = [](const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr<S>() : nullptr; };
+    row_norm_backward_kernel<S>(grad.data_ptr<S>(), x.data_ptr<S>(), rows, groups, inner, p, dx.data_ptr<S>(),
+                                ptr(dw_part), ptr(db_part), ptr(dgain_part));
+  };
+  if (x.scalar_type() == ScalarType::Float) {
+    run(0.0f);
+  } else {
+    TORCH_CHECK(x.scalar_type() == ScalarType::Double, "x must be float32 or float64");
+    run(0.0);
+  }
+}
+
+int64_t row_norm_block() { return kNormBlock; }
+
 }  // namespace
 
 
@@ -1065,4 +1283,14 @@ MEMRAY_TORCH_LIBRARY(MEMRAY_CPU_BAG_NS, m) {
       "pk_score_backward(Tensor q, Tensor keys, Tensor first, Tensor second, Tensor grad, Tensor(a!)? dq, "
       "Tensor(b!)? dkeys) -> ()",
       &pk_score_backward);
+  m.def(
+      "row_norm_forward(Tensor x, int groups, int inner, int splits, Tensor? ln_weight, Tensor? ln_bias, "
+      "Tensor? gain, float scale, float ln_eps, float rms_eps, Tensor(a!) out) -> ()",
+      &row_norm_forward);
+  m.def(
+      "row_norm_backward(Tensor grad, Tensor x, int groups, int inner, int splits, Tensor? ln_weight, "
+      "Tensor? ln_bias, Tensor? gain, float scale, float ln_eps, float rms_eps, Tensor(a!) dx, "
+      "Tensor(b!)? dw_part, Tensor(c!)? db_part, Tensor(d!)? dgain_part) -> ()",
+      &row_norm_backward);
+  m.def("row_norm_block() -> int", &row_norm_block);
 }

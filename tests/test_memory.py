@@ -181,11 +181,12 @@ def test_triton_search_ranks_nan_below_every_number():
     assert not (first == 3).any() and not (second == 0).any()
 
 
-def layer_run(backend, dtype, qk_norm, seed, heads, tokens):
+def layer_run(backend, dtype, qk_norm, seed, heads, tokens, **knobs):
     """A layer's selected slots, scores and every dense gradient (input included) on one batch."""
     torch.manual_seed(seed)
-    layer = make_layer(dtype=dtype, n_keys=9, knn=6, heads=heads, qk_norm=qk_norm, backend=backend)
+    layer = make_layer(dtype=dtype, n_keys=9, knn=6, heads=heads, qk_norm=qk_norm, backend=backend, **knobs)
     x = torch.randn(tokens, 24, dtype=dtype, generator=torch.Generator().manual_seed(seed + 1), requires_grad=True)
+    torch.manual_seed(seed + 2)  # the same query dropout masks for every backend
     rows, scores = layer.topk(x)
     layer(x).square().sum().backward()
     return rows, scores, [x.grad] + [p.grad for p in layer.parameters() if p.grad is not None and not p.grad.is_sparse]
@@ -200,12 +201,69 @@ def assert_same_layer_run(a, b, **tolerance):
         torch.testing.assert_close(x, y, **tolerance)
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_layer_selection_and_gradients_equal_the_torch_search(qk_norm):
-    """backend auto (the C++ selection on CPU) and torch (three topk calls): the same slots, the
-    same scores, and gradients equal within 1e-12 (float64)."""
-    runs = [layer_run(backend, torch.float64, qk_norm, seed=3, heads=3, tokens=26) for backend in ("auto", "torch")]
+@pytest.mark.parametrize(
+    "qk_norm,query_layernorm,query_dropout",
+    [(False, False, 0.0), (True, False, 0.0), (False, True, 0.0), (True, True, 0.0), (True, True, 0.1)],
+)
+def test_layer_selection_and_gradients_equal_the_torch_search(qk_norm, query_layernorm, query_dropout):
+    """backend auto (the fused C++ norms and search on CPU) and torch (torch ops, three topk
+    calls): the same slots, the same scores, and every gradient (the norms' parameters included)
+    equal within 1e-12 (float64); with query dropout between the two norms too (rarely enough
+    that no query half is dropped whole: its scores would all tie at 0, and torch's topk breaks
+    ties in no fixed order)."""
+    knobs = {"query_layernorm": query_layernorm, "query_dropout": query_dropout}
+    runs = [
+        layer_run(backend, torch.float64, qk_norm, seed=3, heads=3, tokens=26, **knobs) for backend in ("auto", "torch")
+    ]
     assert_same_layer_run(*runs, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "outer,groups,inner,d,splits,layernorm,rms",
+    [
+        (37, 3, 1, 10, 2, True, True),
+        (1, 6, 50, 4, 1, False, True),
+        (5, 2, 3, 8, 2, True, False),
+        (300, 4, 1, 34, 2, True, True),
+    ],
+)
+def test_row_norm_equals_torch_ops_for_any_thread_count(outer, groups, inner, d, splits, layernorm, rms):
+    """kernels.row_norm (C++) against the same norms in torch ops, float64, values and the
+    gradients of x and of every parameter within 1e-12; bit-identical with 1 and 2 threads (the
+    parameter gradients are summed in fixed blocks of rows)."""
+    from memray.kernels import cpu_ext
+    from memray.kernels.row_norm import row_norm, row_norm_reference
+
+    if not cpu_ext.available():
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.load_error}")
+    g = torch.Generator().manual_seed(outer + d)
+    x = (torch.randn(outer, groups, inner, d, dtype=torch.float64, generator=g) * 3 + 1).requires_grad_()
+    w, b, gain = (torch.randn(groups, d, dtype=torch.float64, generator=g) for _ in range(3))
+    params = {"ln_weight": w, "ln_bias": b} if layernorm else {}
+    if rms:
+        params["gain"] = gain
+    for p in params.values():
+        p.requires_grad_()
+    upstream = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    inputs = [x, *params.values()]
+
+    def run(fn):
+        out = fn(x, groups, inner, splits, **params, scale=0.37)
+        return [out, *torch.autograd.grad((out * upstream).sum(), inputs)]
+
+    want = run(row_norm_reference)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(row_norm)
+        torch.set_num_threads(2)
+        two = run(row_norm)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(one) == len(want) == len(inputs) + 1
+    for got, expected, other in zip(one, want, two):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+        assert torch.equal(got, other)
 
 
 def test_layer_with_the_triton_search_equals_the_torch_search():

@@ -18,6 +18,7 @@ from torch import nn
 
 from memray.errors import ConfigError
 from memray.kernels.pk_search import pk_search
+from memray.kernels.row_norm import row_norm, row_norm_reference
 
 from .values import ValueTable, ValueTableBase
 
@@ -91,10 +92,6 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
 def _half_scores_of(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Query halves [T, H, 2, half] against sub-keys [H, 2, n_keys, half] -> [T, H, 2, n_keys]."""
     return torch.einsum("thsd,hsnd->thsn", q, keys)
-
-
-def _rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 class ProductKeyMemory(nn.Module):
@@ -177,20 +174,30 @@ class ProductKeyMemory(nn.Module):
         """[tokens, dim] -> query halves [tokens, heads, 2, half_dim] in (at least) fp32."""
         c = self.config
         q = self.query_proj(x)
-        q = q.to(_score_dtype(q.dtype)).view(-1, c.heads, c.k_dim)
-        if c.query_layernorm:
-            q = F.layer_norm(q, (c.k_dim,)) * self.query_norm_weight + self.query_norm_bias
-        q = F.dropout(q, c.query_dropout, self.training)
-        q = q.view(-1, c.heads, 2, self.half_dim)
-        if c.qk_norm:
-            q = _rms_normalize(q) * self.query_gain
-        return q
+        q = q.to(_score_dtype(q.dtype)).view(-1, c.heads, 1, c.k_dim)
+        norm = (self.query_norm_weight, self.query_norm_bias) if c.query_layernorm else (None, None)
+        gain = self.query_gain.view(c.heads, c.k_dim) if c.qk_norm else None
+        norms = self._norms()
+        if c.query_dropout and self.training:  # the dropout sits between the two norms
+            if c.query_layernorm:
+                q = norms(q, c.heads, 1, 2, *norm)
+            q, norm = F.dropout(q, c.query_dropout, True), (None, None)
+        if c.query_layernorm or c.qk_norm:
+            q = norms(q, c.heads, 1, 2, *norm, gain=gain)
+        return q.view(-1, c.heads, 2, self.half_dim)
+
+    def _norms(self):
+        """The query and sub-key norms: ``kernels.row_norm`` (one fused C++ pass per row on the
+        CPU), or in torch ops with ``backend: torch``."""
+        return row_norm_reference if self.config.backend == "torch" else row_norm
 
     def _subkeys(self) -> torch.Tensor:
         """[heads, 2, n_keys, half_dim] fp32; with qk-norm, scaled so scores are O(1)."""
         keys = self.keys.to(_score_dtype(self.keys.dtype))
         if self.config.qk_norm:
-            keys = _rms_normalize(keys) * self.key_gain[:, :, None, :] / math.sqrt(self.half_dim)
+            h, half = self.config.heads, self.half_dim
+            gain = self.key_gain.view(2 * h, half)
+            keys = self._norms()(keys, 2 * h, self.config.n_keys, 1, gain=gain, scale=1 / math.sqrt(half))
         return keys
 
     def _half_scores(self, x: torch.Tensor) -> torch.Tensor:
