@@ -2,8 +2,9 @@
 
 Claim measured: ``ProductKeyMemory`` with the fused search (``kernels.pk_search``: half scores a
 tile of tokens at a time, the C++ selection, a backward that touches only the selected sub-keys)
-against the same layer with the search in torch ops (einsum of all half scores, three ``topk``,
-gathers; the value lookup stays the C++ kernel), against the layer with ``backend: torch``
+and the fused query and sub-key norms (``kernels.row_norm``) against the same layer with both in
+torch ops (einsum of all half scores, three ``topk``, gathers, a dozen elementwise passes for the
+norms; the value lookup stays the C++ kernel), against the layer with ``backend: torch``
 (every step in torch ops, ``F.embedding_bag`` included), and against the ``product-key-memory``
 package (lucidrains, 0.3.0; ``pip install product-key-memory==0.3.0``, skipped when absent) at
 the same shape: heads 4, knn 32, k_dim 256 (its ``dim_head`` 128), ``n_keys**2`` slots.
@@ -307,7 +308,8 @@ def main() -> None:
         rows,
         fields,
         title=f"One memory layer (heads {HEADS}, knn {KNN}, k_dim {K_DIM}): median of {reps}, "
-        f"variants alternating; fused = the C++ search, torch_search = the same layer with the search in torch ops",
+        f"variants alternating; fused = the C++ norms and search, torch_search = the same layer with the norms and "
+        f"the search in torch ops (the layer before the fused kernels)",
         machine=machine,
         summary={k: v for k, v in summary.items() if k != "device"},
     )
@@ -317,8 +319,8 @@ def main() -> None:
             NAME + "_recall_model" + suffix,
             train_rows,
             ["variant", "steps", "step_ms", "tokens_per_step", "speedup_vs_torch_search"],
-            title="Training steps of the recall benchmark's Memory+ model (setting full), fused search vs the "
-            "search in torch ops, alternating step by step; median ms per step",
+            title="Training steps of the recall benchmark's Memory+ model (setting full), fused norms and search "
+            "vs both in torch ops, alternating step by step; median ms per step",
             machine=machine,
         )
     print(json.dumps(summary))

@@ -1,6 +1,6 @@
 """Kernels for product-key memory layers: the weighted value lookup ("embedding bag") and the
 product-key search (``pk_search``: tiled scoring, selection and a sparse backward; ``pk_select``:
-the selection alone).
+the selection alone), and the layer's query and sub-key norms fused (``row_norm``).
 
 Each token (a bag) reads a few rows of a large value table and sums them with its key-match
 weights, ``out[b] = sum_e w[e] * table[idx[e]]``. The table gradient touches only the rows that
@@ -14,6 +14,7 @@ from ._alloc import empty_huge_pages
 from .embedding_bag import bag_backward, bag_forward, embedding_bag
 from .pk_search import pk_search, pk_select, pk_select_reference
 from .reference import embedding_bag_reference
+from .row_norm import row_norm, row_norm_reference
 from .row_update import BackwardRowUpdate, lazy_adam_, rowwise_adagrad_, sgd_
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "bag_forward",
     "bag_backward",
     "lazy_adam_",
+    "row_norm",
+    "row_norm_reference",
     "rowwise_adagrad_",
     "sgd_",
 ]
