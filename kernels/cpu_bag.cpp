@@ -651,16 +651,26 @@ struct SelectScratch {
 
 // The order of m numbers (no NaN) by (value desc, position asc): order[r] = position of rank r.
 template <typename S>
-inline void order_by_value(const S* v, int64_t m, int32_t* order, SelectScratch<S>&) {
+inline void order_by_sorting(const S* v, int64_t m, int32_t* order) {
   for (int64_t p = 0; p < m; ++p) order[p] = static_cast<int32_t>(p);
   std::stable_sort(order, order + m, [v](int32_t x, int32_t y) { return v[x] > v[y]; });
 }
 
-// The k-th largest of v (no NaN, at least k numbers).
 template <typename S>
-inline S kth_largest(std::vector<S>& v, int64_t k, SelectScratch<S>&) {
+inline void order_by_value(const S* v, int64_t m, int32_t* order, SelectScratch<S>&) {
+  order_by_sorting(v, m, order);
+}
+
+// The k-th largest of v (no NaN, at least k numbers); reorders v.
+template <typename S>
+inline S kth_by_selection(std::vector<S>& v, int64_t k) {
   std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<S>());
   return v[k - 1];
+}
+
+template <typename S>
+inline S kth_largest(std::vector<S>& v, int64_t k, SelectScratch<S>&) {
+  return kth_by_selection(v, k);
 }
 
 // Indices i in [begin, n), ascending, with s[i] >= bar, written to `out`; returns how many.
@@ -728,11 +738,7 @@ inline __m256i ranks_of(const float* v, int64_t m, __m256 vi, int64_t i0) {
 
 template <>
 inline void order_by_value<float>(const float* v, int64_t m, int32_t* order, SelectScratch<float>& w) {
-  if (m > kMaxCounted) {
-    for (int64_t p = 0; p < m; ++p) order[p] = static_cast<int32_t>(p);
-    std::stable_sort(order, order + m, [v](int32_t x, int32_t y) { return v[x] > v[y]; });
-    return;
-  }
+  if (m > kMaxCounted) return order_by_sorting(v, m, order);
   w.padded.assign(v, v + m);  // whole vectors to load; the padding's ranks are not used
   w.padded.resize((m + 7) / 8 * 8, 0.0f);
   alignas(32) int32_t ranks[8];
@@ -747,10 +753,7 @@ inline void order_by_value<float>(const float* v, int64_t m, int32_t* order, Sel
 template <>
 inline float kth_largest<float>(std::vector<float>& v, int64_t k, SelectScratch<float>&) {
   const auto m = static_cast<int64_t>(v.size());
-  if (m > kMaxCountedKth) {
-    std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<float>());
-    return v[k - 1];
-  }
+  if (m > kMaxCountedKth) return kth_by_selection(v, k);
   // padded with -inf at the highest positions: below every number, the rank k - 1 stays put
   v.resize((m + 7) / 8 * 8, -std::numeric_limits<float>::infinity());
   const __m256i want = _mm256_set1_epi32(static_cast<int32_t>(k - 1));
