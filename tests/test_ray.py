@@ -7,10 +7,13 @@ process, the head by `memray cluster down` (its own process group)."""
 
 import json
 import os
+import pathlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -53,12 +56,22 @@ def test_bad_addresses_are_one_line_within_seconds(tmp_path):
         assert_one_line_error(result, needle)
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint(zero3_run, tmp_path):
+@pytest.fixture
+def short_tmp():
+    """A temporary directory with a short path (Ray's socket paths below it must fit 107 bytes)."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="m", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(zero3_run, tmp_path, short_tmp):
     """`memray train` on 2 Ray Train workers of an embedded local Ray at ZeRO-3 continues the
     ZeRO-3 reference's step-10 checkpoint, reading its facts through a relative path (Ray workers
     start elsewhere). One worker is SIGKILLed once the step-15 checkpoint is committed: Ray Train
     restarts the group from it, and the last logged loss of every step equals the uninterrupted
-    run's."""
+    run's. Beside it, a dead head's leftover "current cluster" file in the temporary directory:
+    the embedded instance keeps its own (Ray Train's cleaner does not wait on the dead address),
+    and removes it when done."""
     from memray.data import generate_facts, write_facts
 
     source = load_run_config("tiny").data  # the same facts as the reference's synthetic source
@@ -69,8 +82,12 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(zero3_run, tmp_path):
     resume = ["--resume", str(zero3_run / "checkpoints" / "step-00000010")]
     command = [sys.executable, "-m", "memray.cli", "train", "tiny", "--workers", "2", "--run-dir", "run"]
     command += ["--no-progress", *restart, *data, *resume]
+    temp = short_tmp  # TMPDIR, holding a dead head's file
+    (temp / "ray").mkdir()
+    (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
+    env = {**_isolated_env(tmp_path / "home"), "TMPDIR": str(temp)}
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        process = subprocess.Popen(command, cwd=tmp_path, env=_isolated_env(tmp_path / "home"), stdout=out, stderr=err)
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=err)
         try:
             pid_file, committed = run / "pids" / "rank-1.pid", run / "checkpoints" / "step-00000015" / "COMMITTED"
             deadline = time.monotonic() + 240
@@ -85,6 +102,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(zero3_run, tmp_path):
             if process.poll() is None:
                 process.kill()
     assert json.loads((tmp_path / "out.txt").read_text().strip().splitlines()[-1])["step"] == 30
+    assert "PlacementGroupCleaner" not in (tmp_path / "err.txt").read_text()  # no stop timed out
+    assert not list(temp.glob("memray-ray-*"))  # the instance's own temporary directory is gone
     assert int(pid_file.read_text()) != victim  # a new worker group ran
     final = {m["step"]: m["loss"] for m in read_metrics(run)}  # the last line of each step: after the restart
     reference = {m["step"]: m["loss"] for m in read_metrics(zero3_run)}

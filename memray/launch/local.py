@@ -14,7 +14,9 @@ import ipaddress
 import logging
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -80,6 +82,29 @@ def ensure_token() -> None:
         handle.write(secrets.token_hex(32))
 
 
+@contextlib.contextmanager
+def _own_temp_dir():
+    """A temporary directory of its own for an embedded instance (``RAY_TMPDIR``, inherited by
+    its processes), removed after it. Ray's state API finds "the current cluster" through
+    ``<temp>/ray/ray_current_cluster``, which ``ray start`` writes in the shared default
+    directory and nothing removes when that head dies: read by the embedded instance's own
+    processes, a stale file (a killed head) held Ray Train's placement-group cleaner in a 12 s
+    timeout at the end of every run, and a live one (another cluster on this machine) would
+    answer for actors it does not have. The instance's logs go with the directory (a run's own
+    log, metrics and failure report are in its run directory)."""
+    saved = os.environ.get("RAY_TMPDIR")
+    root = tempfile.mkdtemp(prefix="memray-ray-")
+    os.environ["RAY_TMPDIR"] = root
+    try:
+        yield Path(root)
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def loopback_only() -> None:
     """Make a Ray started by this process single-node on 127.0.0.1: every port it opens binds to
     loopback (Ray reads this when it is first imported)."""
@@ -104,26 +129,31 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
     if ray.is_initialized():
         yield
         return
-    if address is None:
-        ensure_token()  # Ray makes one only at its default path, and fails on a missing RAY_AUTH_TOKEN_PATH
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_host=LOOPBACK,
-            _node_ip_address=LOOPBACK,
-            logging_level=logging.WARNING,
-        )
-    else:
+    with contextlib.ExitStack() as stack:
+        if address is None:
+            ensure_token()  # Ray makes one only at its default path, and fails on a missing RAY_AUTH_TOKEN_PATH
+            temp = stack.enter_context(_own_temp_dir())
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_host=LOOPBACK,
+                _node_ip_address=LOOPBACK,
+                logging_level=logging.WARNING,
+            )
+            # what "the current cluster" is to Ray's state API, here and in every process of the
+            # instance (Ray Train's controller and its placement-group cleaner ask it)
+            (temp / "ray" / "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
+        else:
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except ray.exceptions.AuthenticationError as exc:  # e.g. RAY_AUTH_TOKEN_PATH names no file
+                reason = str(exc).split(". ")[0]
+                raise InputError(f"the Ray cluster at {address}: {reason}") from None
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except ray.exceptions.AuthenticationError as exc:  # e.g. RAY_AUTH_TOKEN_PATH names no file
-            reason = str(exc).split(". ")[0]
-            raise InputError(f"the Ray cluster at {address}: {reason}") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
+            yield
+        finally:
+            ray.shutdown()  # before the temporary directory goes
 
 
 def user_error(exc: BaseException) -> UserError | None:
