@@ -52,7 +52,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 # The whole suite, the demo's recall promise included, and the GPU check's CPU smoke run
-# (about 14 minutes from a fresh clone on 2 cores, installs included).
+# (about 15 minutes from a fresh clone on 2 cores, installs included).
 test: lint
 	$(MAKE) --no-print-directory gpu-check DEVICE=cpu
 	$(PY) -m pytest -q tests
