@@ -37,7 +37,17 @@ def test_topk_equals_brute_force(n_keys, knn, heads, qk_norm):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "rows,n_keys,knn",
-    [(1, 1, 1), (9, 3, 9), (40, 7, 5), (33, 5, 20), (64, 128, 16), (8, 300, 32), (16, 203, 3), (6, 1024, 32)],
+    [
+        (1, 1, 1),
+        (9, 3, 9),
+        (40, 7, 5),
+        (33, 5, 20),
+        (64, 128, 16),
+        (8, 300, 32),
+        (16, 203, 3),
+        (6, 1024, 32),
+        (4, 1024, 128),
+    ],
 )
 def test_cpp_selection_equals_brute_force_ties_included(rows, n_keys, knn, dtype):
     """The C++ selection against a stable sort of all n_keys**2 slots: on random scores and on
