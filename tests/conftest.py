@@ -48,7 +48,10 @@ def pytest_collection_finish(session):
     demo = [item for item in session.items if item.get_closest_marker("demo")]
     if not demo:
         return
-    session.items[:] = [item for item in session.items if not item.get_closest_marker("demo")] + demo
+    # beside the demo's thread first: the quick single-process tests, which lose little on one
+    # core; then the slow ones (most start several processes, which wait for each other on a
+    # shared core), as much as possible after the demo's training ends; the demo test last
+    session.items.sort(key=lambda item: (bool(item.get_closest_marker("demo")), bool(item.get_closest_marker("slow"))))
     root = Path(tempfile.mkdtemp(prefix="memray-demo-test-"))
     log = open(root / "train.log", "w")
     command = [sys.executable, "-c", DEMO_TRAIN, str(root / "run")]
