@@ -310,6 +310,12 @@ void row_update_kernel(T* table, int64_t stride_t, const int64_t* rows, const fl
 // Op wrappers: argument checks, then dispatch on (table dtype, accumulation dtype).
 // ----------------------------------------------------------------------------------------------
 
+// An optional output's (or input's) data, or nullptr when it is absent.
+template <typename S>
+S* data_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<S>() : nullptr;
+}
+
 void check_1d(const Tensor& t, ScalarType dtype, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
@@ -410,7 +416,7 @@ template <typename T, typename A, bool kTable, typename Sink>
 void run_backward(const Tensor& grad_out, const Tensor& bag_ids, const Tensor& weights, const Tensor& table,
                   const Tensor& order, const Tensor& seg, const Tensor& rows, const std::optional<Tensor>& grad_weights,
                   Sink&& sink) {
-  A* gw = grad_weights ? grad_weights->data_ptr<A>() : nullptr;
+  A* gw = data_or_null<A>(grad_weights);
   auto run = [&](auto kernel) {
     kernel(grad_out.data_ptr<A>(), grad_out.stride(0), bag_ids.data_ptr<int64_t>(), weights.data_ptr<A>(),
            table.data_ptr<T>(), table.stride(0), order.data_ptr<int64_t>(), seg.data_ptr<int64_t>(),
@@ -918,12 +924,12 @@ void pk_select(const Tensor& scores, int64_t knn, const Tensor& out1, const Tens
   if (scores.scalar_type() == ScalarType::Float) {
     pk_select_kernel<float>(scores.data_ptr<float>(), rows, heads, st, sh, s2, n_keys, k1, knn,
                             out1.data_ptr<int64_t>(), out2.data_ptr<int64_t>(),
-                            out_scores ? out_scores->data_ptr<float>() : nullptr);
+                            data_or_null<float>(out_scores));
   } else {
     TORCH_CHECK(scores.scalar_type() == ScalarType::Double, "scores must be float32 or float64");
     pk_select_kernel<double>(scores.data_ptr<double>(), rows, heads, st, sh, s2, n_keys, k1, knn,
                              out1.data_ptr<int64_t>(), out2.data_ptr<int64_t>(),
-                             out_scores ? out_scores->data_ptr<double>() : nullptr);
+                             data_or_null<double>(out_scores));
   }
 }
 
@@ -1010,14 +1016,14 @@ void pk_score_backward(const Tensor& q, const Tensor& keys, const Tensor& first,
   if (q.scalar_type() == ScalarType::Float) {
     pk_score_backward_kernel<float>(q.data_ptr<float>(), keys.data_ptr<float>(), first.data_ptr<int64_t>(),
                                     second.data_ptr<int64_t>(), grad.data_ptr<float>(), tokens, heads, n_keys, half,
-                                    knn, dq ? dq->data_ptr<float>() : nullptr,
-                                    dkeys ? dkeys->data_ptr<float>() : nullptr);
+                                    knn, data_or_null<float>(dq),
+                                    data_or_null<float>(dkeys));
   } else {
     TORCH_CHECK(q.scalar_type() == ScalarType::Double, "q must be float32 or float64");
     pk_score_backward_kernel<double>(q.data_ptr<double>(), keys.data_ptr<double>(), first.data_ptr<int64_t>(),
                                      second.data_ptr<int64_t>(), grad.data_ptr<double>(), tokens, heads, n_keys,
-                                     half, knn, dq ? dq->data_ptr<double>() : nullptr,
-                                     dkeys ? dkeys->data_ptr<double>() : nullptr);
+                                     half, knn, data_or_null<double>(dq),
+                                     data_or_null<double>(dkeys));
   }
 }
 
@@ -1042,6 +1048,14 @@ struct NormRow {
   const S *w, *b, *gain;  // this row's group's slices, or nullptr
   int64_t d, splits;
   S scale, ln_eps, rms_eps;
+
+  // the LayerNorm affine of group g (the gain stays whole: callers index it per segment)
+  NormRow of_group(int64_t g) const {
+    NormRow p = *this;
+    p.w = w ? w + g * d : nullptr;
+    p.b = b ? b + g * d : nullptr;
+    return p;
+  }
 };
 
 template <typename S>
@@ -1081,9 +1095,7 @@ void row_norm_forward_kernel(const S* x, int64_t rows, int64_t groups, int64_t i
     std::vector<S> xhat(d), y(d);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t g = (r / inner) % groups;
-      NormRow<S> p = shape;
-      p.w = shape.w ? shape.w + g * d : nullptr;
-      p.b = shape.b ? shape.b + g * d : nullptr;
+      const NormRow<S> p = shape.of_group(g);
       norm_layer(x + r * d, p, xhat.data(), y.data());
       S* z = out + r * d;
       if (shape.gain == nullptr) {
@@ -1116,9 +1128,7 @@ void row_norm_backward_kernel(const S* grad, const S* x, int64_t rows, int64_t g
       }
       for (int64_t r = k * kNormBlock; r < std::min(rows, (k + 1) * kNormBlock); ++r) {
         const int64_t g = (r / inner) % groups;
-        NormRow<S> p = shape;
-        p.w = shape.w ? shape.w + g * d : nullptr;
-        p.b = shape.b ? shape.b + g * d : nullptr;
+        const NormRow<S> p = shape.of_group(g);
         const S rstd = norm_layer(x + r * d, p, xhat.data(), y.data());
         const S* dz = grad + r * d;
         if (shape.gain == nullptr) {
@@ -1182,8 +1192,8 @@ NormRow<S> norm_row(const Tensor& x, const std::optional<Tensor>& ln_weight, con
                   "parameters must be contiguous [groups, d] of x's dtype");
     }
   }
-  auto ptr = [](const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr<S>() : nullptr; };
-  return NormRow<S>{ptr(ln_weight), ptr(ln_bias), ptr(gain), d, splits, S(scale), S(ln_eps), S(rms_eps)};
+  return NormRow<S>{data_or_null<S>(ln_weight), data_or_null<S>(ln_bias), data_or_null<S>(gain), d, splits, S(scale),
+                   S(ln_eps), S(rms_eps)};
 }
 
 void row_norm_forward(const Tensor& x, int64_t groups, int64_t inner, int64_t splits,
@@ -1225,9 +1235,8 @@ void row_norm_backward(const Tensor& grad, const Tensor& x, int64_t groups, int6
   auto run = [&](auto zero) {
     using S = decltype(zero);
     auto p = norm_row<S>(x, ln_weight, ln_bias, gain, groups, splits, scale, ln_eps, rms_eps);
-    auto ptr = [](const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr<S>() : nullptr; };
     row_norm_backward_kernel<S>(grad.data_ptr<S>(), x.data_ptr<S>(), rows, groups, inner, p, dx.data_ptr<S>(),
-                                ptr(dw_part), ptr(db_part), ptr(dgain_part));
+                                data_or_null<S>(dw_part), data_or_null<S>(db_part), data_or_null<S>(dgain_part));
   };
   if (x.scalar_type() == ScalarType::Float) {
     run(0.0f);

@@ -39,17 +39,17 @@ def row_norm_reference(
 def row_norm(x, groups, inner, splits, ln_weight=None, ln_bias=None, gain=None, scale=1.0, ln_eps=1e-5, rms_eps=1e-6):
     """The norms of the module docstring, differentiable in ``x`` and every parameter given.
     The C++ kernels on CPU fp32/fp64 tensors; :func:`row_norm_reference` otherwise."""
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("ln_weight and ln_bias come together")
+    d = x.shape[-1]
+    if d % splits or x.numel() % (groups * inner * d):
+        raise ValueError(f"x {tuple(x.shape)} is not [outer, {groups}, {inner}, d] with d divisible by {splits}")
     params = [p for p in (ln_weight, ln_bias, gain) if p is not None]
     ops = None
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and all(p.dtype == x.dtype for p in params):
         ops = cpu_ext.load()
     if ops is None:
         return row_norm_reference(x, groups, inner, splits, ln_weight, ln_bias, gain, scale, ln_eps, rms_eps)
-    if (ln_weight is None) != (ln_bias is None):
-        raise ValueError("ln_weight and ln_bias come together")
-    d = x.shape[-1]
-    if d % splits or x.numel() % (groups * inner * d):
-        raise ValueError(f"x {tuple(x.shape)} is not [outer, {groups}, {inner}, d] with d divisible by {splits}")
     return _RowNorm.apply(x, ln_weight, ln_bias, gain, (groups, inner, splits, float(scale), ln_eps, rms_eps), ops)
 
 
