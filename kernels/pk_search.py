@@ -86,8 +86,10 @@ def pk_search(q: torch.Tensor, keys: torch.Tensor, knn: int, backend: str = "aut
         if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return None
         _check_knn(knn, keys.shape[2])
-        from .triton_search import pk_search_triton
+        from .triton_search import MAX_KNN, pk_search_triton
 
+        if knn > MAX_KNN and backend != "triton":
+            return None
         return pk_search_triton(q, keys, knn)
     if backend not in ("auto", "cpp") or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
         return None

@@ -118,26 +118,25 @@ def _block_d(D):
     return max(16, min(_MAX_BLOCK_D, triton.next_power_of_2(D)))
 
 
+def bag_sum_constexprs(acc_dtype: torch.dtype, D: int) -> dict:
+    """``_bag_sum_kernel``'s compile-time parameters: what :func:`bag_sum` launches with and what
+    :func:`launches` compiles ahead of time."""
+    return {"ACC": _tl_dtype(acc_dtype), "BL": _BLOCK_L, "BD": _block_d(D)}
+
+
+def bag_dot_constexprs(acc_dtype: torch.dtype, D: int) -> dict:
+    """``_bag_dot_kernel``'s compile-time parameters (see :func:`bag_sum_constexprs`)."""
+    return {"ACC": _tl_dtype(acc_dtype), "BE": _BLOCK_E, "BD": _block_d(D)}
+
+
 def bag_sum(indices, weights, src, offsets, out, acc_dtype):
     """Fill ``out[b] = sum_e weights[e] * src[indices[e]]`` for each CSR segment ``b``."""
     num_bags, D = out.shape
     if num_bags == 0 or D == 0:
         return out
-    BD = _block_d(D)
-    grid = (num_bags, triton.cdiv(D, BD))
-    _bag_sum_kernel[grid](
-        indices,
-        weights,
-        src,
-        offsets,
-        out,
-        src.stride(0),
-        out.stride(0),
-        D,
-        ACC=_tl_dtype(acc_dtype),
-        BL=_BLOCK_L,
-        BD=BD,
-    )
+    constexprs = bag_sum_constexprs(acc_dtype, D)
+    grid = (num_bags, triton.cdiv(D, constexprs["BD"]))
+    _bag_sum_kernel[grid](indices, weights, src, offsets, out, src.stride(0), out.stride(0), D, **constexprs)
     return out
 
 
@@ -147,20 +146,58 @@ def bag_dot(grad_out, indices, bag_ids, table, grad_weights, acc_dtype):
     if nnz == 0:
         return grad_weights
     D = table.shape[1]
-    BD = _block_d(D)
-    grid = (triton.cdiv(nnz, _BLOCK_E),)
+    constexprs = bag_dot_constexprs(acc_dtype, D)
+    grid = (triton.cdiv(nnz, constexprs["BE"]),)
     _bag_dot_kernel[grid](
-        grad_out,
-        indices,
-        bag_ids,
-        table,
-        grad_weights,
-        nnz,
-        grad_out.stride(0),
-        table.stride(0),
-        D,
-        ACC=_tl_dtype(acc_dtype),
-        BE=_BLOCK_E,
-        BD=BD,
+        grad_out, indices, bag_ids, table, grad_weights, nnz, grad_out.stride(0), table.stride(0), D, **constexprs
     )
     return grad_weights
+
+
+#: (table, weights) dtypes the lookup launches these kernels with: fp32 and bf16 tables read with
+#: the layer's fp32 softmax weights (or bf16 ones), and fp64 for the float64 reference checks
+LOOKUP_DTYPES = (
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float64, torch.float64),
+)
+#: value dims, one per block size ``_block_d`` can choose (16, 32, 64, 128)
+LOOKUP_DIMS = (16, 32, 64, 256)
+
+
+def launches() -> list:
+    """Every compilation of these kernels the lookup can launch (:class:`memray.kernels.aot.Launch`):
+    forward, the weights' gradient and the row-sparse table gradient of each table and weights
+    dtype, at each block size."""
+    from .aot import Launch
+    from .embedding_bag import _acc_dtype
+
+    out = []
+    for table, weights in LOOKUP_DTYPES:
+        bags = torch.promote_types(table, weights)  # the forward's output, and its gradient
+        acc = _acc_dtype(table, weights, bags)
+        for D in LOOKUP_DIMS:
+            where = f"table {table}, weights {weights}, D {D}"
+            sum_args = dict(indices=torch.int64, offsets=torch.int64, weights=weights)
+            out += [
+                Launch(
+                    _bag_sum_kernel,
+                    {**sum_args, "src": table, "out": bags},
+                    bag_sum_constexprs(acc, D),
+                    f"forward: {where}",
+                ),
+                Launch(
+                    _bag_sum_kernel,
+                    {**sum_args, "src": bags, "out": table},
+                    bag_sum_constexprs(acc, D),
+                    f"table gradient: {where}",
+                ),
+                Launch(
+                    _bag_dot_kernel,
+                    dict(grad_out=bags, indices=torch.int64, bag_ids=torch.int64, table=table, grad_weights=weights),
+                    bag_dot_constexprs(acc, D),
+                    f"weights gradient: {where}",
+                ),
+            ]
+    return out

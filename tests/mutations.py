@@ -144,6 +144,14 @@ MUTANTS = [
         "                    pass",
         ("tests/test_ingest.py",),
     ),
+    Mutant(
+        "search-global-not-constexpr",
+        "the Triton search reads a plain int global in its kernel (the interpreter runs it; the compiler refuses it)",
+        "kernels/triton_search.py",
+        "_MIN_INT64 = tl.constexpr(-(2**63))",
+        "_MIN_INT64 = -(2**63)",
+        ("tests/test_aot.py",),
+    ),
 ]
 
 

@@ -176,6 +176,17 @@ def test_triton_search_equals_brute_force_ties_included(tokens, heads, n_keys, h
         assert a.dtype == dtype and torch.equal(a, b.to(dtype))
 
 
+def test_triton_search_refuses_knn_beyond_its_limit():
+    """Beyond MAX_KNN the kernel's per-program rankings would not fit a GPU's shared memory
+    (tests/test_aot.py holds the listed launches to it): asked for by name, one clear error."""
+    from memray.kernels.pk_search import pk_search
+    from memray.kernels.triton_search import MAX_KNN
+
+    q, keys = torch.randn(4, 1, 2, 4), torch.randn(1, 2, 9, 4)
+    with pytest.raises(ValueError, match=f"knn <= {MAX_KNN}"):
+        pk_search(q, keys, MAX_KNN + 1, backend="triton")
+
+
 def test_triton_search_ranks_nan_below_every_number():
     from memray.kernels.pk_search import pk_search, pk_select_reference
 
