@@ -79,7 +79,7 @@ def _child(args: list[str], work: pathlib.Path) -> tuple[subprocess.CompletedPro
 
 def _write_checkpoint(root: pathlib.Path, log2_rows: int, dim: int) -> tuple[pathlib.Path, int, int]:
     """A committed checkpoint of the tiny model with one 2^log2_rows x dim pool; (path, pool bytes, n)."""
-    from memray.checkpoint.sharded import save_sharded_checkpoint
+    from memray.checkpoint.sharded import DenseState, save_sharded_checkpoint
     from memray.config import dump_yaml
     from memray.model import Transformer, build_pools
     from memray.train import load_run_config
@@ -94,7 +94,7 @@ def _write_checkpoint(root: pathlib.Path, log2_rows: int, dim: int) -> tuple[pat
     }
     nbytes = sum(t.numel() * t.element_size() for _, ts in tensors.values() for t in ts.values())
     path = save_sharded_checkpoint(
-        root, 1, model.state_dict(), dump_yaml(config), tensors, attrs={"tokens": 0}, dense_optimizer={}
+        root, 1, DenseState.of(model.state_dict(), {}), dump_yaml(config), tensors, attrs={"tokens": 0}
     )
     return path, nbytes, n
 

@@ -3,9 +3,12 @@
 The reference is the session's 30-step run on 2 local processes (conftest ``two_rank_run``);
 tests/test_ray.py resumes and restarts through Ray against the same run."""
 
+import json
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from helpers import assert_one_line_error, losses, memray, memray_here, sets, train_tiny
 
 from memray.train import Trainer, load_run_config
@@ -93,3 +96,33 @@ def test_async_checkpoints_equal_the_state_at_their_step(two_rank_run, tmp_path)
     resumed = train_tiny(tmp_path / "b", "--resume", step_15)
     assert resumed.returncode == 0, resumed.stderr
     assert losses(tmp_path / "b") == losses(two_rank_run)[15:]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_checkpoints_hold_fp32_masters_and_resume_exactly(stage, tmp_path):
+    """train.precision bf16 on N ranks runs DeepSpeed's bf16 engine (here on its CPU accelerator,
+    the path a GPU takes): the parameters are bf16, the optimizer keeps fp32 masters. A
+    checkpoint holds those masters (fp32, not rounded to bf16) and the Adam moments (stage 0's
+    wrapper keys them by its own fp32 copies), and a run resumed from it reproduces the
+    uninterrupted run's next 5 losses exactly."""
+    bf16 = sets(
+        "train.precision=bf16",
+        f"distributed.zero_stage={stage}",
+        "train.steps=8",
+        "train.checkpoint_every=3",
+        "train.keep_last=0",
+    )
+    uninterrupted = train_tiny(tmp_path / "a", *bf16)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    step_3 = tmp_path / "a" / "checkpoints" / "step-00000003"
+    attrs = json.loads((step_3 / "memory.zarr" / "zarr.json").read_text())["attributes"]
+    assert attrs["dense_dtype"] == "bfloat16" and attrs["zero_stage"] == stage
+    weights, moments = load_file(step_3 / "model.safetensors"), load_file(step_3 / "optimizer.safetensors")
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
+    # a master that had been rounded to bf16 would equal its rounding: none of them does
+    assert not [name for name, w in weights.items() if torch.equal(w, w.bfloat16().float())]
+    assert moments and not [name for name, m in moments.items() if not m.abs().sum() > 0]
+    resumed = train_tiny(tmp_path / "b", *bf16, "--resume", step_3)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(losses(tmp_path / "b")) == 5
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")[3:]

@@ -1,10 +1,11 @@
 """Checkpoints: weights in safetensors and Zarr (no pickle), the config in YAML.
 
-Layout of ``RUN/checkpoints/step-XXXXXXXX/``: ``model.safetensors``, ``config.yaml``, for a
-sharded run ``memory.zarr/`` (the value pools, written shard by shard: ``sharded.py``), and
-``COMMITTED`` (JSON: step, time, sha256 of every file and chunk), written last. A checkpoint is
-written into a temporary sibling, fsynced and renamed, so a crash never leaves a half-written
-directory that readers take for a checkpoint; readers ignore directories without ``COMMITTED``.
+Layout of ``RUN/checkpoints/step-XXXXXXXX/``: ``model.safetensors`` (dense weights),
+``optimizer.safetensors`` (their Adam moments), ``config.yaml``, ``memory.zarr/`` (the value
+pools, written shard by shard: ``sharded.py``), and ``COMMITTED`` (JSON: step, time, sha256 of
+every file and chunk), written last. A checkpoint is written into a temporary sibling, fsynced
+and renamed, so a crash never leaves a half-written directory that readers take for a
+checkpoint; readers ignore directories without ``COMMITTED``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from memray.errors import InputError
 from memray.files import fsync as _fsync
@@ -31,15 +32,6 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save_checkpoint(
-    root: Path, step: int, state_dict: dict[str, torch.Tensor], config_yaml: str, keep_last: int = 0
-) -> Path:
-    """Write ``root/step-XXXXXXXX`` atomically; keep the newest ``keep_last`` (0: all)."""
-    tmp = begin_checkpoint(root, step, fresh=True)
-    files = write_weights(tmp, state_dict, config_yaml)
-    return commit_checkpoint(root, tmp, step, files, keep_last=keep_last)
-
-
 def begin_checkpoint(root: Path, step: int, fresh: bool) -> Path:
     """The temporary sibling a checkpoint is written into (emptied when ``fresh``)."""
     root = Path(root)
@@ -50,14 +42,6 @@ def begin_checkpoint(root: Path, step: int, fresh: bool) -> Path:
             shutil.rmtree(tmp)
         tmp.mkdir()
     return tmp
-
-
-def write_weights(tmp: Path, state_dict: dict[str, torch.Tensor], config_yaml: str) -> dict[str, str]:
-    """``model.safetensors`` and ``config.yaml`` in ``tmp``; returns their checksums."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp / WEIGHTS))
-    (tmp / CONFIG).write_text(config_yaml)
-    return {name: _sha256(tmp / name) for name in (WEIGHTS, CONFIG)}
 
 
 def commit_checkpoint(root: Path, tmp: Path, step: int, files: dict[str, str], keep_last: int = 0, **extra) -> Path:

@@ -1,8 +1,7 @@
 """A trained model rebuilt from a checkpoint, for evaluation, export and inspection.
 
 Needs nothing of the training loop: the model section of the checkpoint's ``config.yaml``
-describes the model, ``model.safetensors`` holds its dense weights and ``memory.zarr`` (or, in
-checkpoints written before pools were saved shard by shard, ``model.safetensors`` too) its
+describes the model, ``model.safetensors`` holds its dense weights and ``memory.zarr`` its
 value pools. Nothing is unpickled.
 """
 
@@ -51,11 +50,12 @@ def load_trained_model(path: str | Path) -> TrainedModel:
         model = Transformer(config)
     model.to_empty(device="cpu")
     model.init_weights()  # derived buffers (rotary tables); weights are overwritten below
-    if (ckpt / STORE).is_dir():  # pools written shard by shard
-        verify_checkpoint(ckpt)
-        for name, table in model.value_tables().items():
-            arrays = load_pool_shard(ckpt, name, (0, table.num_rows), (0, table.dim), manifest)
-            tensors.update({f"pools.{name}.{key}": arrays[key] for key in ("weight", "usage_count", "usage_mass")})
+    if not (ckpt / STORE).is_dir():
+        raise InputError(f"checkpoint {ckpt}: it has no {STORE} (the value pools)")
+    verify_checkpoint(ckpt)
+    for name, table in model.value_tables().items():
+        arrays = load_pool_shard(ckpt, name, (0, table.num_rows), (0, table.dim), manifest)
+        tensors.update({f"pools.{name}.{key}": arrays[key] for key in ("weight", "usage_count", "usage_mass")})
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise InputError(

@@ -1,6 +1,7 @@
 """Checkpoints of runs with sharded value pools.
 
-``step-XXXXXXXX/`` holds ``model.safetensors`` (the dense weights, written by rank 0),
+``step-XXXXXXXX/`` holds ``model.safetensors`` and ``optimizer.safetensors`` (the dense weights and
+their Adam moments, streamed to rank 0 one tensor at a time: no rank holds the whole model),
 ``config.yaml``, ``memory.zarr/`` (every pool and its row-indexed state, written shard by shard:
 :mod:`memray.checkpoint.pools`) and ``COMMITTED``: the manifest with the SHA-256 of every file
 and of every chunk, written last after all ranks finished. The group's attributes record the
@@ -14,15 +15,18 @@ import json
 import shutil
 import threading
 import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from memray.distributed import collectives
 from memray.errors import InputError, RunFailed, UserError
 
 from . import (
+    CONFIG,
     WEIGHTS,
     _sha256,
     begin_checkpoint,
@@ -30,11 +34,63 @@ from . import (
     commit_checkpoint,
     find_checkpoint,
     read_manifest,
-    write_weights,
 )
 from .pools import STORE, prepare_pool, read_rows, verify_chunks, write_chunks
+from .tensorfile import TensorFile, TensorFileWriter, TensorSpecs
 
 OPTIMIZER = "optimizer.safetensors"
+DENSE_FILES = {"weights": WEIGHTS, "optimizer": OPTIMIZER}
+
+
+@dataclass
+class DenseState:
+    """The dense tensors of a checkpoint, produced one at a time.
+
+    ``specs``: ``{"weights": {name: (dtype, shape)}, "optimizer": {...}}`` (a part may be absent:
+    no file); ``tensors()`` yields ``(part, name, tensor)`` in that order, the tensor on the rank
+    that writes (rank 0) and ``None`` elsewhere; where the tensors live partitioned over the ranks
+    (ZeRO), each is assembled by a collective, so every rank iterates it in step."""
+
+    specs: dict[str, TensorSpecs]
+    tensors: Callable[[], Iterable[tuple[str, str, torch.Tensor | None]]]
+
+    @classmethod
+    def of(cls, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor] | None = None) -> DenseState:
+        """Tensors one process already holds whole (``optimizer``: none, no optimizer file)."""
+        parts = {"weights": weights, **({"optimizer": optimizer} if optimizer is not None else {})}
+        specs = {part: {k: (v.dtype, tuple(v.shape)) for k, v in d.items()} for part, d in parts.items()}
+        return cls(specs, lambda: ((part, k, v) for part, d in parts.items() for k, v in d.items()))
+
+
+def write_dense(tmp: Path, dense: DenseState, config_yaml: str, write: bool) -> tuple[dict[str, str], Exception | None]:
+    """Stream ``dense`` into ``tmp`` (``model.safetensors``, ``optimizer.safetensors``) and write
+    ``config.yaml``: (their checksums, the error that stopped the writing or None). Every rank
+    calls it (``dense.tensors()`` may be collective, so a writer that fails still takes part to
+    the end, and the error is raised when every rank knows); only the one with ``write`` writes,
+    holding one tensor at a time."""
+    writers, error = {}, None
+    if write:
+        try:
+            writers = {part: TensorFileWriter(tmp / DENSE_FILES[part], specs) for part, specs in dense.specs.items()}
+        except Exception as exc:  # noqa: BLE001 - reported by PendingCheckpoint.finish
+            error = exc
+    for part, name, tensor in dense.tensors():
+        if writers and error is None:
+            try:
+                writers[part].write(name, tensor)
+            except Exception as exc:  # noqa: BLE001 - as above
+                error = exc
+    if not write or error is not None:
+        for writer in writers.values():
+            writer.handle.close()
+        return {}, error
+    try:
+        for writer in writers.values():
+            writer.close()
+        (tmp / CONFIG).write_text(config_yaml)
+        return {name: _sha256(tmp / name) for name in (*(DENSE_FILES[part] for part in writers), CONFIG)}, None
+    except Exception as exc:  # noqa: BLE001 - as above
+        return {}, exc
 
 
 def save_sharded_checkpoint(*args, **options) -> Path:
@@ -46,77 +102,69 @@ def save_sharded_checkpoint(*args, **options) -> Path:
 def start_sharded_checkpoint(
     root: Path,
     step: int,
-    dense_state: dict[str, torch.Tensor] | None,
+    dense: DenseState | dict[str, torch.Tensor],
     config_yaml: str,
     pools: dict,
     *,
     group=None,
     keep_last: int = 0,
     attrs: dict | None = None,
-    dense_optimizer: dict[str, torch.Tensor] | None = None,
     background: bool = False,
     extra_files: dict[str, Path] | None = None,
 ) -> PendingCheckpoint:
     """Collective over ``group``: ``pools`` maps name -> (:class:`memray.model.TableShard` this
-    rank holds, {key: this rank's tensor}). Rank 0 writes the dense weights (``dense_state``)
-    and the dense optimizer's tensors (``dense_optimizer``, to ``optimizer.safetensors``; both
-    ignored elsewhere).
+    rank holds, {key: this rank's tensor}); ``dense``: the dense tensors (a dict: weights only,
+    held whole by rank 0), written by rank 0 one tensor at a time.
 
-    The collective part of a save (the temporary directory, array metadata, the rows each rank
-    must write); the files are written now, or by a thread when ``background`` (on snapshots,
-    so training may go on). ``extra_files`` (name -> path, e.g. the run's tokenizer) are copied
-    in by rank 0 and checksummed with the rest. :meth:`PendingCheckpoint.finish` (collective) commits."""
+    The collective part of a save (the temporary directory, the dense files, array metadata, the
+    rows each rank must write); the pools' files are written now, or by a thread when
+    ``background`` (on snapshots, so training may go on). ``extra_files`` (name -> path, e.g. the
+    run's tokenizer) are copied in by rank 0 and checksummed with the rest.
+    :meth:`PendingCheckpoint.finish` (collective) commits."""
+    if not isinstance(dense, DenseState):
+        dense = DenseState.of(dense)
     rank = collectives.rank_in(group)
     tmp = begin_checkpoint(root, step, fresh=rank == 0)
     collectives.barrier(group)
+    files, dense_error = write_dense(tmp, dense, config_yaml, write=rank == 0)
     jobs = [
         job
         for name, (shard, tensors) in pools.items()
         for job in prepare_pool(tmp / STORE, name, tensors, shard, group, snapshot=background)
     ]
-    dense = None
-    if rank == 0:
-        dense = [
-            {k: v.detach().clone() if background else v for k, v in d.items()} if d is not None else None
-            for d in (dense_state or {}, dense_optimizer)
-        ]
     shapes = {name: {"num_rows": s.num_rows, "dim": s.dim, "arrays": sorted(ts)} for name, (s, ts) in pools.items()}
-    pending = PendingCheckpoint(root, tmp, step, config_yaml, shapes, attrs or {}, keep_last, group, rank)
+    pending = PendingCheckpoint(root, tmp, step, shapes, attrs or {}, keep_last, group, rank)
     extra_files = extra_files if rank == 0 else None
-    pending.start(functools.partial(write_chunks, tmp / STORE, jobs), dense, background, extra_files)
+    pending.start(functools.partial(write_chunks, tmp / STORE, jobs), files, background, extra_files, dense_error)
     return pending
 
 
 class PendingCheckpoint:
     """A save whose files are being (or have been) written; ``finish()`` commits it."""
 
-    def __init__(self, root, tmp, step, config_yaml, shapes, attrs, keep_last, group, rank):
+    def __init__(self, root, tmp, step, shapes, attrs, keep_last, group, rank):
         """``shapes``: pool name -> {"num_rows", "dim", "arrays": [array keys]} (the group's
         ``pools`` attribute)."""
-        self.root, self.tmp, self.step, self.config_yaml = Path(root), tmp, step, config_yaml
+        self.root, self.tmp, self.step = Path(root), tmp, step
         self.shapes = shapes
         self.attrs, self.keep_last, self.group, self.rank = attrs, keep_last, group, rank
         self._thread, self._result, self._error = None, {}, None
 
-    def start(self, write_pools, dense, background: bool, extra_files: dict[str, Path] | None = None) -> None:
+    def start(self, write_pools, files: dict[str, str], background: bool, extra_files=None, error=None) -> None:
         """Write this rank's files: ``write_pools()`` writes its chunks and returns their
-        checksums; ``dense`` (rank 0: [weights, optimizer tensors or None]) and ``extra_files``
-        (rank 0) beside them."""
+        checksums; ``files``: checksums of what this rank already wrote (rank 0: the dense files
+        and config), ``error``: what stopped that writing; ``extra_files`` (rank 0) are copied
+        beside them."""
 
         def work():
             try:
-                files = {}
+                if error is not None:
+                    raise error
+                written = dict(files)
                 for name, source in (extra_files or {}).items():
                     shutil.copyfile(source, self.tmp / name)
-                    files[name] = _sha256(self.tmp / name)
-                if dense is not None:  # rank 0: dense weights and optimizer beside the pools
-                    files.update(write_weights(self.tmp, dense[0], self.config_yaml))
-                    if dense[1] is not None:
-                        save_file(
-                            {k: v.detach().contiguous().cpu() for k, v in dense[1].items()}, str(self.tmp / OPTIMIZER)
-                        )
-                        files[OPTIMIZER] = _sha256(self.tmp / OPTIMIZER)
-                self._result = {"chunks": write_pools(), "files": files}
+                    written[name] = _sha256(self.tmp / name)
+                self._result = {"chunks": write_pools(), "files": written}
             except Exception as exc:  # raised by finish(), with its traceback, once every rank knows
                 self._error = exc
                 self._result = {"error": f"{type(exc).__name__}: {exc}"}
@@ -172,13 +220,18 @@ def verify_checkpoint(path: str | Path, chunks: bool = True) -> tuple[Path, dict
     return ckpt, manifest
 
 
-def load_training_state(path: str | Path) -> tuple[Path, dict, dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def load_training_state(path: str | Path) -> tuple[Path, dict, dict, TensorFile, TensorFile]:
     """(checkpoint, manifest, group attributes, dense weights, dense optimizer tensors) to resume
-    from; files are checked here, chunks when each rank reads its rows."""
+    from; files are checked here, chunks when each rank reads its rows. The dense tensors are
+    read from their files one at a time, as they are asked for."""
     ckpt, manifest = verify_checkpoint(path, chunks=False)
     if OPTIMIZER not in manifest["files"] or not (ckpt / STORE).is_dir():
         raise InputError(f"checkpoint {ckpt} holds no training state to resume from (weights only)")
-    return ckpt, manifest, pool_info(ckpt), load_file(str(ckpt / WEIGHTS)), load_file(str(ckpt / OPTIMIZER))
+    try:
+        weights, moments = TensorFile(ckpt / WEIGHTS), TensorFile(ckpt / OPTIMIZER)
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        raise InputError(f"checkpoint {ckpt}: cannot read its dense tensors: {exc}") from None
+    return ckpt, manifest, pool_info(ckpt), weights, moments
 
 
 def pool_info(ckpt: Path) -> dict:

@@ -168,6 +168,25 @@ def build_value_optimizer(config: OptimConfig, tables, all_reduce=None) -> torch
     return RowSparseSGD(groups)
 
 
+# torch's optimizers that a value pool may use, and their state entries indexed by the pool's rows
+_TORCH_ROW_STATE = {
+    torch.optim.AdamW: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    torch.optim.SparseAdam: ("exp_avg", "exp_avg_sq"),
+    torch.optim.Adagrad: ("sum",),
+}
+
+
+def row_state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str]:
+    """The state entries of a value optimizer that hold one row (or one number) per table row:
+    saved and resharded with the rows. Its other entries (step counts) are per table."""
+    if isinstance(optimizer, RowSparseOptimizer):
+        return frozenset(optimizer.row_state)
+    for cls, keys in _TORCH_ROW_STATE.items():
+        if type(optimizer) is cls:
+            return frozenset(keys)
+    raise ValueError(f"no per-row state is known for value optimizer {type(optimizer).__name__}")
+
+
 def grad_norm(params, all_reduce=None) -> torch.Tensor:
     """L2 norm over the gradients of ``params``, dense or sparse COO (coalesced by clip_grads).
 
@@ -213,4 +232,5 @@ __all__ = [
     "dense_param_groups",
     "grad_norm",
     "lr_factor",
+    "row_state_keys",
 ]

@@ -81,8 +81,14 @@ class RowSparseOptimizer(torch.optim.Optimizer, ABC):
     (unique rows, fp32 row gradients) and owns gathering and writing back rows.
     """
 
-    #: state key -> dtype it must have ("group" = the group's ``state_dtype``); used on load
+    #: state key -> dtype it must have ("group" = the group's ``state_dtype``); used on load.
+    #: Every state entry is indexed by the table's rows (``row_state``).
     _state_dtypes: dict[str, torch.dtype | str] = {}
+
+    @property
+    def row_state(self) -> tuple[str, ...]:
+        """The state entries indexed by the table's rows: all of them."""
+        return tuple(self._state_dtypes)
 
     def __init__(self, params, defaults: dict, fused: bool = True):
         super().__init__(params, defaults)

@@ -4,9 +4,10 @@ One :class:`Checkpointer` per run holds references to every stateful piece — t
 and their Adam moments (through the run's :class:`memray.train.dense.DenseTraining`), each value
 pool with its usage counts and the value optimizer's state for it — and writes them as one
 committed checkpoint (``RUN/checkpoints/step-XXXXXXXX``, :mod:`memray.checkpoint.sharded`): dense
-tensors by rank 0, pools shard by shard by every rank. The run's progress (tokens seen, data
-position) travels in the checkpoint's attributes. Periodic saves may run in the background: the
-collective part happens in the step, a thread writes the files from snapshots, and the save is
+tensors streamed to rank 0 one at a time (no rank holds the whole model), pools shard by shard
+by every rank. The run's progress (tokens seen, data position) travels in the checkpoint's
+attributes. Periodic saves may run in the background: the collective part (the dense tensors
+among it) happens in the step, a thread writes the pools' files from snapshots, and the save is
 committed at the next one. A checkpoint loads onto any world size and layout.
 """
 
@@ -18,8 +19,10 @@ from pathlib import Path
 import torch
 
 from memray.checkpoint.sharded import PendingCheckpoint, load_pool_shard, load_training_state, start_sharded_checkpoint
+from memray.checkpoint.tensorfile import TensorFile
 from memray.data.tokenizer import TOKENIZER_FILE
 from memray.errors import InputError
+from memray.optim import row_state_keys
 
 from .dense import DenseTraining
 
@@ -82,7 +85,7 @@ class Checkpointer:
         return path
 
     def _start(self, step: int, progress: dict, background: bool) -> PendingCheckpoint:
-        dense, moments = self.dense.state_dict(), self.dense.optimizer_state()
+        row_keys = row_state_keys(self.value_optimizer) if self.value_optimizer is not None else frozenset()
         pools, scalars = {}, {}
         for name, table in self.tables.items():
             tensors = {
@@ -91,23 +94,26 @@ class Checkpointer:
                 "usage_mass": table.usage_mass,
             }
             for key, value in self._value_state(table).items():
-                if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == table.weight.shape[0]:
+                if key in row_keys:
                     tensors[f"optim.{key}"] = value
-                else:  # e.g. torch optimizers' step counts
+                else:  # per table: e.g. torch optimizers' step counts
                     scalars.setdefault(name, {})[key] = float(value)
             pools[name] = (table.shard, tensors)
-        attrs = {**self.attrs, **progress, "value_optimizer_scalars": scalars}
-        main = self.rank == 0
+        attrs = {
+            **self.attrs,
+            **progress,
+            "value_optimizer_scalars": scalars,
+            "dense_optimizer_steps": self.dense.optimizer_steps(),
+        }
         return start_sharded_checkpoint(
             self.folder,
             step,
-            dense if main else None,
+            self.dense.checkpoint_state(),
             self.config_yaml,
             pools,
             group=self.group,
             keep_last=self.keep_last,
             attrs=attrs,
-            dense_optimizer=moments if main else None,
             background=background,
             extra_files=self.extra_files,
         )
@@ -119,11 +125,14 @@ class Checkpointer:
 
     def load(self, path: str | Path) -> tuple[Path, dict]:
         """Restore every piece from a checkpoint saved on any number of ranks and either layout
-        (collective): each rank reads only its rows and columns of every pool. Returns the
-        checkpoint and its attributes (step, and the ``progress`` it was saved with)."""
+        (collective): each rank reads only its rows and columns of every pool, and the dense
+        tensors one at a time. Returns the checkpoint and its attributes (step, and the
+        ``progress`` it was saved with)."""
         ckpt, manifest, attrs, weights, moments = load_training_state(path)
         check_same_model(ckpt, attrs, weights, self.shapes, self.tables)
-        self.dense.restore(weights, moments, attrs["step"])
+        # the Adam step count of the moments (checkpoints that do not record it: the run's step)
+        steps = attrs.get("dense_optimizer_steps")
+        self.dense.restore(weights, moments, attrs["step"] if steps is None else steps)
         for name, table in self.tables.items():
             arrays = load_pool_shard(ckpt, name, table.row_range, table.col_range, manifest)
             with torch.no_grad():
@@ -139,16 +148,18 @@ class Checkpointer:
         return ckpt, attrs
 
 
-def check_same_model(ckpt: Path, attrs: dict, weights: dict, shapes: dict[str, tuple[int, ...]], tables: dict) -> None:
+def check_same_model(
+    ckpt: Path, attrs: dict, weights: TensorFile, shapes: dict[str, tuple[int, ...]], tables: dict
+) -> None:
     """InputError naming the first tensor or pool whose shape differs between checkpoint ``ckpt``
-    (its ``attrs`` and dense ``weights``) and a model of dense tensor ``shapes`` and value pools
-    ``tables`` (a checkpoint of another model config), before anything is loaded."""
+    (its ``attrs`` and dense ``weights``, not read) and a model of dense tensor ``shapes`` and
+    value pools ``tables`` (a checkpoint of another model config), before anything is loaded."""
     other = f"checkpoint {ckpt} holds another model (compare its config.yaml with this run's)"
     for name, shape in shapes.items():
         if name not in weights:
             raise InputError(f"{other}: it has no '{name}'")
-        if tuple(weights[name].shape) != shape:
-            raise InputError(f"{other}: '{name}' is {list(weights[name].shape)} there, {list(shape)} here")
+        if weights.shape(name) != shape:
+            raise InputError(f"{other}: '{name}' is {list(weights.shape(name))} there, {list(shape)} here")
     extra = sorted(set(weights) - set(shapes))
     if extra:
         raise InputError(f"{other}: it has '{extra[0]}', which this model lacks")

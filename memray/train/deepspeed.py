@@ -5,7 +5,28 @@ wraps the transformer *without* its value pools (they are sharded tables given t
 outside, see ``Transformer(pools=...)``): inside the engine ZeRO-3 would partition a pool and
 stage 0 would all-reduce its gradient, while a pool must stay where its rows live and be updated
 row-sparsely. The dense optimizer is a client ``torch.optim.AdamW`` (DeepSpeed's own optimizers
-compile C++ ops first), with memray's decay groups and lr schedule.
+compile C++ ops first), with memray's decay groups and lr schedule. ``train.precision: bf16``
+runs DeepSpeed's bf16 engine on any device (its CPU accelerator runs it too): bf16 parameters,
+fp32 masters in the optimizer.
+
+Checkpoints hold the fp32 masters and Adam moments whole, assembled one parameter at a time,
+and load onto any world size and stage. Public DeepSpeed calls do most of it
+(``safe_get_full_fp32_param``, ``safe_get_full_optimizer_state``, the ``safe_set_*`` calls,
+``zero.GatheredParameters``, the engine's forward, backward and step). What still depends on
+DeepSpeed 0.19.8's internals, each in one place:
+
+* ZeRO-1/2 link parameters to their optimizer-state slices only after the first step of the
+  first parameter group: :func:`_link_optimizer_state` links again (``_hp_optimizer_states_linked``,
+  ``_lazy_init_hp_params_optimizer_state``: private).
+* Under ZeRO the client optimizer's state exists only after DeepSpeed's first step; no public
+  call creates it, so a restore takes one step that changes nothing (:func:`_create_optimizer_state`:
+  every lr 0, the loss x 0, one token per rank, value-pool lookups included).
+* Stage 0 in bf16 wraps the client optimizer in ``FP16_UnfusedOptimizer``, whose masters are its
+  ``fp32_groups`` beside ``fp16_groups`` (attributes, no accessor); it also steps once with zero
+  gradients when built, so its moments' step count runs one ahead of the run's
+  (:meth:`DeepSpeedDense.optimizer_steps` saves the count itself).
+* ZeRO-3's ``safe_set_full_*`` fail when the group size does not divide a tensor:
+  :func:`_local_partition` pads as ZeRO-3 does and the ``safe_set_local_*`` calls take the slice.
 """
 
 from __future__ import annotations
@@ -17,12 +38,13 @@ import warnings
 import torch
 from torch import nn
 
+from memray.checkpoint.sharded import DenseState
 from memray.kernels.cpu_ext import this_interpreters_ninja
 from memray.model import Transformer
 from memray.optim import build_dense_optimizer, grad_norm
 
 from .config import RunConfig
-from .dense import DenseTraining, summed_token_loss
+from .dense import MOMENTS, DenseTraining, adam_state, moment_specs, summed_token_loss
 
 
 def prepare_environment() -> None:
@@ -74,7 +96,9 @@ def build_engine(model: Transformer, config: RunConfig, micro_batch: int, world_
 
     wrapper = LossModule(model)
     optimizer = build_dense_optimizer(list(wrapper.named_parameters()), config.optim)
-    bf16 = config.train.precision == "bf16" and torch.cuda.is_available()
+    # the bf16 engine on any device: DeepSpeed's CPU accelerator runs it, so the path a GPU
+    # takes is the one the CPU tests take
+    bf16 = config.train.precision == "bf16"
     if config.distributed.zero_stage == 3 and model.head is None:
         # the tied output projection reads the embedding outside the embedding's own forward
         deepspeed.zero.register_external_parameter(model, model.embed.weight)
@@ -93,11 +117,31 @@ def build_engine(model: Transformer, config: RunConfig, micro_batch: int, world_
 class DeepSpeedDense(DenseTraining):
     """Dense parameters in a DeepSpeed engine (ZeRO stage from the config)."""
 
-    def __init__(self, model: Transformer, config: RunConfig, micro_batch: int, world_size: int, rows: int):
-        """``micro_batch``: the most rows any rank holds; ``rows``: this rank's (the restore's
-        idle steps run on that many sequences)."""
+    def __init__(self, model: Transformer, config: RunConfig, micro_batch: int, world_size: int):
+        """``micro_batch``: the most rows any rank holds."""
+        # what a checkpoint holds, named and shaped before ZeRO-3 leaves placeholders in the
+        # parameters and bf16 casts them: every dense tensor in fp32 (the masters), and buffers
+        self._specs = {
+            k: (torch.float32 if v.is_floating_point() else v.dtype, tuple(v.shape))
+            for k, v in model.state_dict().items()
+            if not k.startswith("pools.")
+        }
+        self._shapes = {name: tuple(p.shape) for name, p in model.named_dense_parameters()}
         self.engine = build_engine(model, config, micro_batch, world_size)
-        self._sample_shape = (rows, config.data.seq_len)
+        self.stage = self.engine.zero_optimization_stage()
+        self.named = list(self.engine.module.model.named_parameters())
+        self.bf16 = self.engine.bfloat16_enabled()
+        # ZeRO stage 0 in bf16: DeepSpeed's FP16_UnfusedOptimizer keeps an fp32 master per bf16
+        # parameter (its fp32_groups beside fp16_groups); the client AdamW steps the masters
+        self._masters = {}
+        if self.stage == 0 and self.bf16:
+            wrapper = self.engine.optimizer
+            for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+                self._masters.update({id(lp): hp for lp, hp in zip(lp_group, hp_group)})
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
 
     def loss_sum(self, inputs, targets):
         return self.engine(inputs, targets)
@@ -109,7 +153,7 @@ class DeepSpeedDense(DenseTraining):
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         norm = None
-        if self.engine.zero_optimization_stage() == 0:
+        if self.stage == 0:
             # stage 0 holds every averaged gradient on every rank and reports no norm itself
             norm = grad_norm(list(self.engine.module.parameters()))
         self.engine.step()
@@ -117,72 +161,74 @@ class DeepSpeedDense(DenseTraining):
             norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return consolidated_state_dict(self.engine)
+    # -- checkpoints: the fp32 masters and moments, whole, one parameter at a time ------------
+    def _base_state(self) -> dict:
+        """The client AdamW's state (keyed by whatever tensors DeepSpeed hands it)."""
+        return (self.engine.optimizer.optimizer if self.stage else self.engine.optimizer).state
 
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        return full_adam_moments(self.engine)
+    def _stepped(self) -> bool:
+        """Whether the dense optimizer has stepped. Asked of the state itself: ZeRO-3 hands the
+        base optimizer its flat fp32 partitions only for the length of a step (its
+        ``param_groups`` are empty in between). (The stage-0 bf16 wrapper steps once with zero
+        gradients when it is built: its moments are zeros until the first real step.)"""
+        return any("exp_avg" in state for state in self._base_state().values())
 
-    def restore(self, weights, moments, step):
-        device = next(self.engine.module.parameters()).device
-        tokens = torch.zeros(self._sample_shape, dtype=torch.long, device=device)
-        restore(self.engine, weights, moments, step, (tokens, tokens))
+    def optimizer_steps(self) -> int | None:
+        steps = [int(state["step"]) for state in self._base_state().values() if "step" in state]
+        return max(steps) if steps else None
 
+    def _master(self, p) -> torch.Tensor:
+        """Parameter ``p``'s fp32 master, whole (collective under ZeRO)."""
+        from deepspeed.utils import safe_get_full_fp32_param
 
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The transformer's full dense weights on every rank (ZeRO-3 gathers its partitions)."""
-    import deepspeed
+        if self.stage == 0:
+            return self._masters.get(id(p), p).detach()
+        return safe_get_full_fp32_param(p)
 
-    module = engine.module.model
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    def _moment(self, p, key: str) -> torch.Tensor | None:
+        """``exp_avg``/``exp_avg_sq`` of parameter ``p``, whole (collective under ZeRO), or None."""
+        from deepspeed.utils import safe_get_full_optimizer_state
 
+        if self.stage == 0:
+            return self._base_state().get(self._masters.get(id(p), p), {}).get(key)
+        return safe_get_full_optimizer_state(p, key)
 
-def _named(engine):
-    return list(engine.module.model.named_parameters())
+    def checkpoint_state(self) -> DenseState:
+        main = self.engine.global_rank == 0
+        params = dict(self.named)
+        specs = {"weights": self._specs, "optimizer": moment_specs(self.named, self._shapes)}
+
+        def tensors():
+            stepped = self._stepped()
+            if stepped:
+                _link_optimizer_state(self.engine)
+            buffers = dict(self.engine.module.model.named_buffers())
+            for name, (dtype, shape) in self._specs.items():
+                value = self._master(params[name]) if name in params else buffers[name]
+                yield "weights", name, value.detach().to("cpu", dtype).reshape(shape) if main else None
+            for name, p in self.named:
+                for key in MOMENTS:
+                    value = self._moment(p, key) if stepped else None
+                    shape = self._shapes[name]
+                    if main:
+                        value = torch.zeros(shape) if value is None else value.detach().to("cpu", torch.float32)
+                    yield "optimizer", f"{key}.{name}", value.reshape(shape) if main else None
+
+        return DenseState(specs, tensors)
+
+    def restore(self, weights, moments, steps):
+        restore(self, weights, moments, steps)
 
 
 def _link_optimizer_state(engine) -> None:
     """ZeRO-1/2 link each parameter to its slice of the optimizer state once, after the first
     step of the first parameter group, when the other groups have no state yet (DeepSpeed
-    0.19.8: ``stage_1_and_2`` and ``bf16_optimizer`` alike); linking again once every group has
-    state makes every slice reachable to ``safe_get_full_optimizer_state``. DeepSpeed offers no
-    public call for this: it is the one place memray uses a private member of DeepSpeed."""
+    0.19.8: ``stage_1_and_2``); linking again once every group has state makes every slice
+    reachable to ``safe_get_full_optimizer_state``. DeepSpeed offers no public call for this:
+    it is the one place memray uses a private member of DeepSpeed."""
     if engine.zero_optimization_stage() in (1, 2):
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
-
-
-def full_adam_moments(engine) -> dict[str, torch.Tensor]:
-    """Every dense parameter's whole ``exp_avg``/``exp_avg_sq`` on every rank (collective under
-    ZeRO: partitions are assembled), keyed ``<moment>.<parameter name>``: independent of the
-    world size and ZeRO stage that saved them."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    if _has_state(engine):
-        _link_optimizer_state(engine)
-    out = {}
-    stage = engine.zero_optimization_stage()
-    for name, p in _named(engine):
-        shape = p.ds_shape if stage == 3 else p.shape  # ZeRO-3 leaves an empty placeholder in p
-        for key in ("exp_avg", "exp_avg_sq"):
-            if stage == 0:
-                value = engine.optimizer.state.get(p, {}).get(key)
-            else:
-                value = safe_get_full_optimizer_state(p, key) if _has_state(engine) else None
-            out[f"{key}.{name}"] = (
-                torch.zeros(shape) if value is None else value.detach().float().cpu().clone().view(shape)
-            )
-    return out
-
-
-def _has_state(engine) -> bool:
-    """Whether the dense optimizer has stepped. Asked of the state itself: ZeRO-3 hands the base
-    optimizer its flat fp32 partitions only for the length of a step (its ``param_groups`` are
-    empty in between), so looking the groups' parameters up finds nothing."""
-    base = engine.optimizer.optimizer if engine.zero_optimization_stage() else engine.optimizer
-    return any(bool(state) for state in base.state.values())
 
 
 def _local_partition(p, full: torch.Tensor) -> torch.Tensor:
@@ -198,27 +244,35 @@ def _local_partition(p, full: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(flat, (0, size - flat.numel()))
 
 
-def _idle_step(engine, sample) -> None:
-    """A forward, backward and optimizer step that changes no weight: loss x 0, every lr 0."""
+def _create_optimizer_state(engine) -> None:
+    """One step that changes no weight (every lr 0, the loss x 0, one token per rank): under
+    ZeRO, DeepSpeed creates the client optimizer's state for its flat partitions in its first
+    step and offers no public call that does it otherwise."""
     groups = engine.optimizer.param_groups
     lrs = [g["lr"] for g in groups]
     for g in groups:
         g["lr"] = 0.0
-    engine.backward(engine(*sample) * 0.0)
+    tokens = torch.zeros(1, 1, dtype=torch.long, device=next(engine.module.parameters()).device)
+    with torch.enable_grad():
+        engine.backward(engine(tokens, tokens) * 0.0)
     engine.step()
     for g, lr in zip(groups, lrs):
         g["lr"] = lr
     _link_optimizer_state(engine)
 
 
-def restore(engine, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step: int, sample) -> None:
-    """Load dense weights and Adam moments saved by any world size and stage (collective).
+@torch.no_grad()
+def restore(dense: DeepSpeedDense, weights, moments, steps: int) -> None:
+    """Load dense weights (fp32 masters) and Adam moments saved by any world size and stage
+    (collective), one parameter at a time.
 
-    Only DeepSpeed's own paths touch its partitions: an idle step (every lr 0, loss x 0, on
-    ``sample`` = (inputs, targets)) creates the optimizer state; the saved weights go into the
-    fp32 master partitions (ZeRO) or the parameters (stage 0); a second idle step lets DeepSpeed
-    copy the masters into the model's parameters; then the saved moments and step count replace
-    what the idle steps made of them."""
+    Stage 0: the masters (the parameters themselves in fp32; the wrapper's fp32 copies in bf16)
+    and the client AdamW's state are set directly, and each bf16 parameter is its master rounded,
+    as after a step. ZeRO 1-3: once DeepSpeed has made the optimizer state
+    (:func:`_create_optimizer_state`), the masters and moments go into the partitions through
+    DeepSpeed's ``safe_set_*`` calls, and the model's parameters are set to the masters (ZeRO-3:
+    inside ``GatheredParameters``, which re-partitions them)."""
+    import deepspeed
     from deepspeed.utils import (
         safe_set_full_fp32_param,
         safe_set_full_optimizer_state,
@@ -226,27 +280,33 @@ def restore(engine, weights: dict[str, torch.Tensor], moments: dict[str, torch.T
         safe_set_local_optimizer_state,
     )
 
-    stage = engine.zero_optimization_stage()
-    named = _named(engine)
-    _idle_step(engine, sample)
-    for name, p in named:
-        if stage == 0:
-            p.data.copy_(weights[name].to(p.dtype))
-        elif stage == 3:  # see _local_partition
-            safe_set_local_fp32_param(p, _local_partition(p, weights[name]))
+    engine, stage = dense.engine, dense.stage
+    if stage == 0:
+        base = dense._base_state()
+        for name, p in dense.named:
+            master = dense._masters.get(id(p), p)
+            master.copy_(weights[name])
+            if master is not p:
+                p.copy_(master)
+            base[master] = adam_state(steps, *(moments[f"{key}.{name}"].to(master).clone() for key in MOMENTS))
+        return
+    _create_optimizer_state(engine)
+    for name, p in dense.named:
+        value = weights[name]
+        if stage == 3:
+            safe_set_local_fp32_param(p, _local_partition(p, value))
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if engine.global_rank == 0:
+                    p.copy_(value)
         else:
-            safe_set_full_fp32_param(p, weights[name].float())
-    _idle_step(engine, sample)
-    base = engine.optimizer.optimizer if stage else engine.optimizer
-    for name, p in named:
-        for key in ("exp_avg", "exp_avg_sq"):
-            value = moments[f"{key}.{name}"]
-            if stage == 0:
-                base.state[p][key].copy_(value)
-            elif stage == 3:
-                safe_set_local_optimizer_state(p, _local_partition(p, value), key)
+            safe_set_full_fp32_param(p, value.float())
+            p.copy_(value)
+        for key in MOMENTS:
+            moment = moments[f"{key}.{name}"]
+            if stage == 3:
+                safe_set_local_optimizer_state(p, _local_partition(p, moment), key)
             else:
-                safe_set_full_optimizer_state(p, value.float(), key)
-    for state in base.state.values():
+                safe_set_full_optimizer_state(p, moment.float(), key)
+    for state in dense._base_state().values():
         if "step" in state:
-            state["step"] = torch.tensor(float(step), dtype=torch.float32) if torch.is_tensor(state["step"]) else step
+            state["step"] = torch.tensor(float(steps), dtype=torch.float32) if torch.is_tensor(state["step"]) else steps

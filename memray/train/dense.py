@@ -9,10 +9,12 @@ engine). The trainer and the checkpointer depend only on this interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
+from memray.checkpoint.sharded import DenseState
 from memray.data.packing import IGNORE_INDEX
 from memray.model import Transformer
 from memray.optim import OptimConfig, build_dense_optimizer, clip_grads
@@ -38,19 +40,46 @@ class DenseTraining(ABC):
     def step(self, lr: float) -> float | None:
         """Clip, step at ``lr`` and clear the gradients; the gradient norm before clipping."""
 
+    @property
     @abstractmethod
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's dense weights, whole (collective on N ranks)."""
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the dense parameters are held and computed in (their masters are fp32)."""
 
     @abstractmethod
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """``exp_avg.<param>`` and ``exp_avg_sq.<param>`` of every dense parameter, whole (zeros
-        before the first step): independent of the world size and ZeRO stage (collective)."""
+    def checkpoint_state(self) -> DenseState:
+        """What a checkpoint holds of the dense parameters, whole and the same on any world size
+        and ZeRO stage: ``weights`` (every dense parameter as its fp32 master, also where the
+        model computes in bf16, and any buffer) and ``optimizer`` (``exp_avg.<param>`` and
+        ``exp_avg_sq.<param>``, fp32; zeros before the first step), one tensor at a time
+        (collective on N ranks)."""
 
     @abstractmethod
-    def restore(self, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step: int) -> None:
-        """Load what :meth:`state_dict` and :meth:`optimizer_state` returned, saved by any world
-        size, as of optimizer step ``step`` (collective)."""
+    def optimizer_steps(self) -> int | None:
+        """The step count of the Adam moments' bias correction (None before the first step)."""
+
+    @abstractmethod
+    def restore(self, weights: Mapping[str, torch.Tensor], moments: Mapping[str, torch.Tensor], steps: int) -> None:
+        """Load what :meth:`checkpoint_state` saved on any world size (tensors are read from the
+        mappings one at a time), the moments at Adam step count ``steps`` (collective)."""
+
+
+def moment_specs(named: list[tuple[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """The ``optimizer`` part of :meth:`DenseTraining.checkpoint_state`: fp32 ``exp_avg`` and
+    ``exp_avg_sq`` of each parameter (``shapes``: where a parameter's own shape is not its real
+    one, e.g. ZeRO-3's placeholders)."""
+    return {
+        f"{key}.{name}": (torch.float32, tuple((shapes or {}).get(name, p.shape)))
+        for name, p in named
+        for key in MOMENTS
+    }
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def adam_state(step: int, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> dict:
+    """A torch Adam(W) state entry, as its own steps make it."""
+    return {"step": torch.tensor(float(step), dtype=torch.float32), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
 class LocalDense(DenseTraining):
@@ -94,24 +123,36 @@ class LocalDense(DenseTraining):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.model.state_dict().items() if not k.startswith("pools.")}
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(iter(self.model.dense_parameters())).dtype
 
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        out = {}
+    def checkpoint_state(self) -> DenseState:
+        weights = {k: v.detach() for k, v in self.model.state_dict().items() if not k.startswith("pools.")}
+        moments = {}
         for name, p in self.named:
             state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
-            for key in ("exp_avg", "exp_avg_sq"):
-                out[f"{key}.{name}"] = (
-                    state[key].detach().clone() if key in state else torch.zeros_like(p, dtype=torch.float32)
-                )
-        return out
+            for key in MOMENTS:
+                moments[f"{key}.{name}"] = state[key].detach().float() if key in state else torch.zeros_like(p).float()
+        return DenseState.of(weights, moments)
 
-    def restore(self, weights, moments, step):
-        self.model.load_state_dict(weights, strict=False)
-        # torch Adam(W) state as its own first step would create it, then the saved values
+    def optimizer_steps(self) -> int | None:
+        states = self.optimizer.state.values() if self.optimizer is not None else ()
+        return next((int(state["step"]) for state in states if "step" in state), None)
+
+    def restore(self, weights, moments, steps):
+        load_dense_weights(self.model, weights)
+        # torch Adam(W) state as its own steps would have made it, then the saved values
         for name, p in self.trainable:
-            state = self.optimizer.state[p]
-            state["step"] = torch.tensor(float(step), dtype=torch.float32)
-            for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = moments[f"{key}.{name}"].to(device=p.device, dtype=p.dtype).clone()
+            self.optimizer.state[p] = adam_state(
+                steps, *(moments[f"{key}.{name}"].to(device=p.device, dtype=p.dtype).clone() for key in MOMENTS)
+            )
+
+
+@torch.no_grad()
+def load_dense_weights(model: Transformer, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (any of the model's dense parameters and buffers) into ``model``, one
+    tensor at a time (a checkpoint's file is read as each is copied)."""
+    state = model.state_dict()
+    for name in weights:
+        state[name].copy_(weights[name])

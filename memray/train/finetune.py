@@ -42,6 +42,7 @@ from memray.model.lora import is_lora_parameter
 
 from .checkpointer import check_same_model
 from .config import RunConfig
+from .dense import load_dense_weights
 
 
 class Finetune:
@@ -71,7 +72,7 @@ class Finetune:
         # adapters a base without them lacks start as LoRALinear initialises them (no change)
         wanted = {k: v for k, v in shapes.items() if not (is_lora_parameter(k) and k not in weights)}
         check_same_model(ckpt, attrs, weights, wanted, self.tables)
-        self.model.load_state_dict(weights, strict=False)
+        load_dense_weights(self.model, weights)
         background = {}
         for name, table in self.tables.items():
             arrays = load_pool_shard(ckpt, name, table.row_range, table.col_range, manifest)

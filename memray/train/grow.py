@@ -28,7 +28,7 @@ import torch
 
 from memray.checkpoint import begin_checkpoint, committed_checkpoints, find_checkpoint
 from memray.checkpoint.pools import STORE, RowReader, array_info, chunk_rows_for, create_array, write_chunk
-from memray.checkpoint.sharded import PendingCheckpoint, load_training_state, pool_info
+from memray.checkpoint.sharded import DenseState, PendingCheckpoint, load_training_state, pool_info, write_dense
 from memray.config import dump_yaml, from_dict
 from memray.data.tokenizer import TOKENIZER_FILE
 from memray.errors import InputError
@@ -140,6 +140,7 @@ def grow_checkpoint(path: str | Path, n_keys: int, out: str | Path, map_files=No
     keep.update(world_size=1, layout="unsharded", zero_stage=None)  # one writer: this process
     keep["grown_from"] = {"checkpoint": str(ckpt.resolve()), "n_keys": n}
     extra = {TOKENIZER_FILE: ckpt / TOKENIZER_FILE} if TOKENIZER_FILE in manifest["files"] else None
-    pending = PendingCheckpoint(root, tmp, manifest["step"], dump_yaml(grown), pools, keep, 0, None, 0)
-    pending.start(write_pools, [dense, dense_moments], background=False, extra_files=extra)
+    files, error = write_dense(tmp, DenseState.of(dense, dense_moments), dump_yaml(grown), write=True)
+    pending = PendingCheckpoint(root, tmp, manifest["step"], pools, keep, 0, None, 0)
+    pending.start(write_pools, files, background=False, extra_files=extra, error=error)
     return pending.finish()

@@ -101,9 +101,7 @@ class Trainer:
             # few dense parameters train, or none: replicas averaging their gradients
             self.dense = LocalDense(self.model, o, world=self.world)
         else:
-            self.dense = DeepSpeedDense(
-                self.model, config, max(b - a for a, b in shares), self.world, rows=len(self.batches.rows)
-            )
+            self.dense = DeepSpeedDense(self.model, config, max(b - a for a, b in shares), self.world)
         self.value_optimizer = build_value_optimizer(o, self.tables.values(), all_reduce=self.memory_sum)
         # value_update: backward: each pool's lookup updates the rows it read in its backward
         self.backward_updates = []
@@ -139,6 +137,8 @@ class Trainer:
                 "world_size": self.world,
                 "layout": config.model.memory.layout if context else "unsharded",
                 "zero_stage": config.distributed.zero_stage if context else None,
+                # what the dense parameters compute in (the checkpoint holds their fp32 masters)
+                "dense_dtype": str(self.dense.compute_dtype).removeprefix("torch."),
             },
         )
         self.metrics = MetricsProcessor(self.tables)
@@ -237,7 +237,8 @@ class Trainer:
             )
             params = count_parameters(self.model)
             where = (
-                f" on {self.world} ranks (ZeRO-{c.distributed.zero_stage}, {c.model.memory.layout} layout)"
+                f" on {self.world} ranks (ZeRO-{c.distributed.zero_stage}, {c.model.memory.layout} layout,"
+                f" dense weights in {str(self.dense.compute_dtype).removeprefix('torch.')})"
                 if self.context
                 else ""
             )
