@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from helpers import assert_one_line_error, losses, memray, memray_here, sets, train_tiny
+from safetensors.torch import load_file
 
 from memray.train import Trainer, load_run_config
 
