@@ -211,3 +211,16 @@ def test_sharded_checkpoint_reads_as_the_single_process_one(tiny_run, four_ranks
 def test_bad_world_size_is_one_line_before_any_process(args, needle, tmp_path):
     assert_one_line_error(memray_here("train", "tiny", "--run-dir", tmp_path / "r", *args), needle)
     assert not (tmp_path / "r").exists()
+
+
+def test_more_local_processes_than_gpus_is_one_line(monkeypatch, tmp_path):
+    """On a machine with one GPU, NCCL and two local processes: one line naming the key, before any
+    process starts (each would take cuda:<local rank>, and the second has no device)."""
+    import torch.distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    args = ["--workers", "2", "--set", "distributed.launcher=processes", "--run-dir", tmp_path / "r"]
+    assert_one_line_error(memray_here("train", "tiny", *args), "distributed.workers", "has 1")
+    assert not (tmp_path / "r").exists()

@@ -144,3 +144,18 @@ def test_retrofit_refusals():
         add_memory(llama(), [2], MemoryConfig(n_keys=8, heads=1, knn=4, k_dim=16))
     with pytest.raises(ValueError, match="Llama-architecture"):
         add_memory(torch.nn.Linear(3, 3), [0], MemoryConfig(n_keys=8, heads=1, knn=4, k_dim=16))
+
+
+def test_retrofit_of_a_bf16_model_keeps_counting_usage_in_fp32():
+    """add_memory casts the memory to the model's bf16; the usage mass stays fp32 and keeps
+    growing (in bf16, 1000 + 0.01 is 1000)."""
+    from memray.integrations.hf import add_memory
+
+    model = llama().to(torch.bfloat16)
+    params = add_memory(model, [1], MemoryConfig(n_keys=8, heads=1, knn=4, k_dim=16))
+    table = model.model.layers[1].mlp.memory.values
+    assert params.values[0].dtype == torch.bfloat16 and table.usage_mass.dtype == torch.float32
+    table.usage_mass.fill_(1000.0)
+    model.train()
+    model(torch.randint(0, 256, (1, 5)))
+    assert table.usage_mass.sum() > 1000.0 * table.num_rows

@@ -429,3 +429,26 @@ def test_usage_metrics():
     mass = torch.tensor([5.0, 3.0, 1.0, 1.0])
     m = usage_metrics(torch.ones(4, dtype=torch.long), mass)
     assert m["top50"] == 0.25 and m["top90"] == 0.75 and m["top99"] == 1.0
+
+
+def test_usage_window_gives_the_whole_table_metrics_from_the_rows_read():
+    """A window folded many times over (fold_every 7 entries) and read once: the metrics of the
+    rows read equal usage_metrics over the whole table's counts and mass."""
+    from memray.model import UsageWindow, touched_usage_metrics
+
+    g = torch.Generator().manual_seed(3)
+    window, counts = UsageWindow(fold_every=7), torch.zeros(500, dtype=torch.long)
+    mass = torch.zeros(500, dtype=torch.float64)
+    for _ in range(20):
+        rows = torch.randint(0, 100, (5,), generator=g) * 3
+        weights = torch.rand(5, generator=g) * (torch.rand(5, generator=g) > 0.3)
+        window.add(rows, weights)
+        counts.index_add_(0, rows, torch.ones_like(rows))
+        mass.index_add_(0, rows, weights.double())
+    read, read_mass = window.take()
+    assert torch.equal(read, torch.unique(torch.nonzero(counts).flatten()))
+    got, want = touched_usage_metrics(read_mass, 500), usage_metrics(counts, mass)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
+    assert window.take()[0].numel() == 0  # a new window

@@ -163,3 +163,70 @@ def test_bench_traffic_matches_the_formula(tmp_path):
     assert 0.9 <= summary["traffic_ratio_min"] <= summary["traffic_ratio_max"] <= 1.1
     assert summary["step_ms/row/w2"] > 0 and summary["step_ms/column/w2"] > 0
     assert "| traffic+step | column | 2 |" in (tmp_path / "bench_sharded_lookup.md").read_text()
+
+
+def _usage_metrics_worker(layout: str) -> dict:
+    """One logged window of lookups on a 4,096-row table: the metrics from the rows read, and
+    from the whole table's usage counts (the definition), and the largest collective of the
+    record."""
+    from helpers import watch_collectives
+
+    from memray.distributed import collectives
+    from memray.model import usage_metrics
+    from memray.train.metrics import MetricsProcessor
+
+    ctx = init_distributed("gloo")
+    table = ShardedValueTable(4096, 8, group=ctx.memory_group, layout=layout)
+    metrics = MetricsProcessor({"pool": table})
+    g = torch.Generator().manual_seed(ctx.rank)
+    for _ in range(3):  # rows read twice, by several lookups and ranks, weights of 0 included
+        rows = torch.randint(0, 64, (10, 3), generator=g) * 61
+        weights = torch.rand(10, 3, generator=g) * (torch.rand(10, 3, generator=g) > 0.2)
+        table(rows, weights, record=True)
+    sizes = []
+    watch_collectives(lambda _name, tensors, _group, _caller: sizes.extend(t.numel() for t in tensors))
+    window = metrics.record({"step": 1})
+    sizes_of_record = list(sizes)
+    whole = (table.usage_count, table.usage_mass)
+    if layout == "row":
+        whole = tuple(collectives.gather_rows(t, ctx.memory_group) for t in whole)
+    dist.destroy_process_group()
+    return {
+        "window": {k.removeprefix("memory/pool/"): v for k, v in window.items() if k.startswith("memory/pool/")},
+        "definition": usage_metrics(*whole),
+        "largest_collective": max(sizes_of_record),
+    }
+
+
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_usage_metrics_cost_the_rows_read_not_the_table(layout):
+    """A logged step's usage metrics come from the rows the window read (gathered where ranks
+    hold different rows), never from the whole usage arrays: equal to the definition over the
+    whole table, with no collective near the table's 4,096 rows."""
+    for result in spawn(_usage_metrics_worker, 2, layout):
+        assert result["window"].keys() == result["definition"].keys()
+        for key, value in result["definition"].items():
+            assert result["window"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        assert result["largest_collective"] <= 2 * 10 * 3 * 3  # the rows the two ranks read
+
+
+def _traffic_worker(layout: str) -> dict:
+    ctx = init_distributed("gloo")
+    table = ShardedValueTable(49, V_DIM, group=ctx.memory_group, layout=layout)
+    tokens = 6 if ctx.rank == 0 else 0  # rank 1 looks nothing up, but serves rows and gets bags
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 49, (tokens, 4), generator=g)
+    weights = torch.rand(tokens, 4, generator=g, requires_grad=True)
+    table(rows, weights).sum().backward()
+    stats = table.stats.reset()
+    dist.destroy_process_group()
+    return {"sent": stats.bytes_sent, "received": stats.bytes_received}
+
+
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_traffic_counters_add_up_when_a_rank_sends_nothing(layout):
+    """Every byte a rank sends is a byte another receives, also where a rank has no tokens (its
+    messages have no rows, whose size must still count what it receives)."""
+    stats = spawn(_traffic_worker, 2, layout)
+    assert sum(s["sent"] for s in stats) == sum(s["received"] for s in stats) > 0
+    assert stats[1]["received"] > 0

@@ -25,6 +25,8 @@ shard alone. Traffic counters (``stats``) count bytes that leave or reach this r
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -40,7 +42,7 @@ def _exchange(
 ) -> torch.Tensor:
     """:func:`collectives.exchange` in the table's group, counting off-rank bytes."""
     recv = collectives.exchange(send, send_splits, recv_splits, table.group)
-    row_bytes = send[0:1].numel() * send.element_size() if send.dim() > 1 else send.element_size()
+    row_bytes = math.prod(send.shape[1:]) * send.element_size()  # also where this rank sends no row
     me = table.rank
     table.stats.bytes_sent += (sum(send_splits) - send_splits[me]) * row_bytes
     table.stats.bytes_received += (sum(recv_splits) - recv_splits[me]) * row_bytes
@@ -241,12 +243,10 @@ class ShardedValueTable(ValueTableBase):
         return collectives.sum_over(x, self.group)
 
     @torch.no_grad()
-    def gather_usage(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.layout == "column" or self.world == 1:
-            return super().gather_usage()
-        return collectives.gather_rows(self.usage_count, self.group), collectives.gather_rows(
-            self.usage_mass, self.group
-        )
+    def gather_row_values(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "column" or self.world == 1:  # every rank holds (and reads) every row
+            return super().gather_row_values(x)
+        return collectives.gather_rows(x, self.group)
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:

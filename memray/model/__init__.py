@@ -6,7 +6,7 @@ No distributed, storage or CLI code lives here.
 from .memory import MemoryConfig, ProductKeyMemory
 from .moe import MoE, MoEConfig
 from .transformer import ModelConfig, Transformer, build_pools, count_parameters, pool_names
-from .usage import usage_metrics
+from .usage import UsageWindow, touched_usage_metrics, usage_metrics
 from .values import LookupStats, TableShard, ValueTable, ValueTableBase
 
 __all__ = [
@@ -23,5 +23,7 @@ __all__ = [
     "build_pools",
     "count_parameters",
     "pool_names",
+    "touched_usage_metrics",
     "usage_metrics",
+    "UsageWindow",
 ]

@@ -13,7 +13,7 @@ What every table holds and offers:
 * ``forward(indices, weights, record=...)`` -> bags ``[tokens, dim]`` of this process's tokens
   (collective for a sharded table), ``usage_count``/``usage_mass`` over ``shard.row_range``
   (cumulative, saved with the weights), ``stats`` (:class:`LookupStats`).
-* reductions over the processes holding the other parts: ``all_reduce``, ``gather_usage``,
+* reductions over the processes holding the other parts: ``all_reduce``, ``gather_row_values``,
   ``full_weight`` (no-ops or copies when unsharded).
 * ``from_config``: the one way a pool is built from a :class:`MemoryConfig`.
 """
@@ -115,7 +115,18 @@ class ValueTableBase(nn.Module, ABC):
         # a list while a step's lookups are being collected (sparse-memory finetuning): each
         # lookup appends the rows of this process's part it read (relative to row_range)
         self.step_rows: list[torch.Tensor] | None = None
+        # called with (rows, weights) of each lookup recorded in the usage statistics, rows of
+        # this process's part (relative to row_range): e.g. a metrics window (memray.model.UsageWindow)
+        self.usage_observers: list = []
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # the usage mass sums millions of weights below 1: it stays fp32 when the module is cast
+        # (module.to(torch.bfloat16), .half()); in bf16 such a sum stops growing near 256x a weight
+        if self.usage_mass.is_floating_point() and self.usage_mass.dtype != torch.float32:
+            self.usage_mass = self.usage_mass.float()
+        return self
 
     @classmethod
     def from_config(cls, memory, model_dim: int, **options) -> ValueTableBase:
@@ -185,6 +196,8 @@ class ValueTableBase(nn.Module, ABC):
         if usage:
             self.usage_count.index_add_(0, rows, torch.ones_like(rows))
             self.usage_mass.index_add_(0, rows, weights.to(self.usage_mass.dtype))
+            for observe in self.usage_observers:
+                observe(rows, weights)
 
     # -- reductions over the processes holding the other parts ------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,10 +205,12 @@ class ValueTableBase(nn.Module, ABC):
         norms of the parts); ``x`` itself when one process holds it all."""
         return x
 
-    @torch.no_grad()
-    def gather_usage(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Usage (count, mass) of every row, on every process (collective when sharded)."""
-        return self.usage_count.clone(), self.usage_mass.clone()
+    def gather_row_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Values ``x`` [n] for some rows of this process's part, concatenated with the other
+        processes' values for theirs, on every process (collective where processes hold different
+        rows; ``x`` itself where one holds every row). For figures over the rows read, whose size
+        is that of the reads, not of the table."""
+        return x
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:

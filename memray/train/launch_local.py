@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from memray.errors import ConfigError
+
 from .config import RunConfig
 from .rundir import CHECKPOINTS, resolve_run_dir
 from .trainer import Trainer
@@ -32,6 +34,27 @@ def check_launch(config: RunConfig, resume: str | Path | None, run_dir: str | Pa
     if not resume:
         return None
     return str(find_checkpoint(resume).resolve())
+
+
+def check_local_gpus(config: RunConfig) -> None:
+    """Under NCCL each local process trains on its own GPU (``cuda:<local rank>``): refuse more
+    processes than this machine has GPUs, in one line, before any starts."""
+    import torch
+    import torch.distributed as dist
+
+    from memray.distributed.context import default_backend
+
+    backend = config.distributed.backend
+    if (default_backend() if backend == "auto" else backend) != "nccl":
+        return
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and dist.is_nccl_available() else 0
+    workers = config.distributed.workers
+    if workers > gpus:
+        raise ConfigError(
+            "distributed.workers",
+            f"{workers} local processes under NCCL need a GPU each; this machine has {gpus} "
+            f"(--workers {gpus}, or distributed.backend=gloo)",
+        )
 
 
 def train_worker(
@@ -63,6 +86,7 @@ def train_local(
     """Train on ``config.distributed.workers`` local processes; rank 0's result."""
     from memray.distributed import spawn
 
+    check_local_gpus(config)
     run_dir = str(resolve_run_dir(config, run_dir))
     resume = check_launch(config, resume, run_dir)
     return spawn(train_worker, config.distributed.workers, config, run_dir, progress, resume)[0]

@@ -14,14 +14,17 @@ import time
 import torch
 
 from memray.distributed import collectives
-from memray.model import usage_metrics
+from memray.model import UsageWindow, touched_usage_metrics
 
 
 class MetricsProcessor:
     def __init__(self, tables: dict):
-        """``tables``: pool name -> value table (:class:`memray.model.ValueTableBase`)."""
+        """``tables``: pool name -> value table (:class:`memray.model.ValueTableBase`). A usage
+        window per table watches its recorded lookups (``usage_observers``)."""
         self.tables = tables
-        self.reset_usage()
+        self._windows = {name: UsageWindow() for name in tables}
+        for name, table in tables.items():
+            table.usage_observers.append(self._windows[name].add)
         self.reset_window()
 
     def reset_window(self) -> None:
@@ -29,8 +32,9 @@ class MetricsProcessor:
         self._start, self._tokens, self._steps = time.perf_counter(), 0, 0
 
     def reset_usage(self) -> None:
-        """Start the usage window here (collective): e.g. after usage counts were restored."""
-        self._usage = {name: table.gather_usage() for name, table in self.tables.items()}
+        """Start the usage window here (e.g. after usage counts were restored)."""
+        for window in self._windows.values():
+            window.take()
 
     def count(self, tokens: int) -> float:
         """A step of ``tokens`` tokens is done; returns the window's tokens per second so far."""
@@ -46,13 +50,14 @@ class MetricsProcessor:
         return out
 
     def _usage_window(self) -> dict[str, float]:
-        """Usage metrics of each pool over the lookups since the previous record."""
+        """Usage metrics of each pool over the lookups since the previous record, from the rows
+        read alone: each rank's distinct rows and their weight mass, gathered where ranks hold
+        different rows. Costs O(rows read) per record, whatever the pool's size."""
         out = {}
         for name, table in self.tables.items():
-            count0, mass0 = self._usage[name]
-            count, mass = table.gather_usage()
-            out.update(usage_metrics(count - count0, mass - mass0, prefix=f"memory/{name}/"))
-            self._usage[name] = (count, mass)
+            _, mass = self._windows[name].take()
+            mass = table.gather_row_values(mass.to(table.usage_mass.device))
+            out.update(touched_usage_metrics(mass, table.num_rows, prefix=f"memory/{name}/"))
         return out
 
     def _lookup_window(self) -> dict:
