@@ -186,7 +186,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m memray.kernels.aot", description=main.__doc__.split("\n")[0])
     parser.add_argument("--targets", type=int, nargs="+", default=sorted(TARGETS, reverse=True))
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--json", help="write every compilation's figures here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off"):

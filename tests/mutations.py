@@ -35,7 +35,8 @@ class Mutant:
     path: str
     old: str
     new: str
-    tests: tuple[str, ...]  # the area's tests: files or pytest node ids
+    tests: tuple[str, ...]  # the area's tests: files or pytest node ids; or, with ``command``, its name
+    command: tuple[str, ...] = ()  # instead of pytest: a script and its arguments, caught by a non-zero exit
 
 
 MUTANTS = [
@@ -152,6 +153,40 @@ MUTANTS = [
         "_MIN_INT64 = -(2**63)",
         ("tests/test_aot.py",),
     ),
+    Mutant(
+        "bf16-masters-rounded",
+        "a checkpoint of a bf16 run holds its dense weights rounded to bf16, not the fp32 masters",
+        "memray/train/deepspeed.py",
+        'yield "weights", name, value.detach().to("cpu", dtype)',
+        'yield "weights", name, value.detach().bfloat16().to("cpu", dtype)',
+        ("tests/test_resume.py::test_bf16_checkpoints_hold_fp32_masters_and_resume_exactly",),
+    ),
+    Mutant(
+        "bf16-masters-rounded-gpu-check",
+        "the same fault, against make gpu-check's train section (its CPU smoke run)",
+        "memray/train/deepspeed.py",
+        'yield "weights", name, value.detach().to("cpu", dtype)',
+        'yield "weights", name, value.detach().bfloat16().to("cpu", dtype)',
+        ("gpu_check.py --sections train",),
+        ("benchmarks/gpu_check.py", "--device", "cpu", "--sections", "train", "--out", "gpu-check-out"),
+    ),
+    Mutant(
+        "dense-moments-zeroed",
+        "a checkpoint holds zeros for the dense Adam moments",
+        "memray/train/deepspeed.py",
+        'value = torch.zeros(shape) if value is None else value.detach().to("cpu", torch.float32)',
+        "value = torch.zeros(shape)",
+        ("tests/test_resume.py::test_bf16_checkpoints_hold_fp32_masters_and_resume_exactly",),
+    ),
+    Mutant(
+        "dense-moments-zeroed-gpu-check",
+        "the same fault, against make gpu-check's train section (its CPU smoke run)",
+        "memray/train/deepspeed.py",
+        'value = torch.zeros(shape) if value is None else value.detach().to("cpu", torch.float32)',
+        "value = torch.zeros(shape)",
+        ("gpu_check.py --sections train",),
+        ("benchmarks/gpu_check.py", "--device", "cpu", "--sections", "train", "--out", "gpu-check-out"),
+    ),
 ]
 
 
@@ -198,13 +233,17 @@ def run_mutant(mutant: Mutant, python: str) -> dict:
         target.write_text(text.replace(mutant.old, mutant.new))
         env = {**os.environ, "PYTHONPATH": str(work)}
         start, junit = time.monotonic(), work / "junit.xml"
-        subprocess.run(
-            [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *mutant.tests],
-            cwd=work,
-            env=env,
-            capture_output=True,
-        )
-        ran, failed = _failures(junit)
+        if mutant.command:
+            done = subprocess.run([python, *mutant.command], cwd=work, env=env, capture_output=True)
+            ran, failed = 1, ([mutant.tests[0]] if done.returncode != 0 else [])
+        else:
+            subprocess.run(
+                [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *mutant.tests],
+                cwd=work,
+                env=env,
+                capture_output=True,
+            )
+            ran, failed = _failures(junit)
         return {
             "mutant": mutant.name,
             "fault": mutant.what,

@@ -53,3 +53,21 @@ def test_the_wheel_installs_into_a_fresh_venv_and_trains(tmp_path):
         memray, "eval", "run", "--facts", "run/data/facts.jsonl", "--limit", "20", "--json", cwd=tmp_path, env=env
     )
     assert 0.0 <= json.loads(result.stdout)["recall"] <= 1.0
+
+
+@pytest.mark.parametrize("missing", ["zarr==3.1.6", "deepspeed==0.19.8", "pydantic-core==2.50.5"])
+def test_the_gpu_script_names_a_missing_wheel_before_installing_anything(missing, tmp_path):
+    """benchmarks/gpu.sh installs the GPU host's missing packages from the wheels that travel
+    with the checkout (benchmarks/gpu-wheels.txt); without one of them it stops at once, in one
+    line naming it, and installs nothing."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for line in (REPO / "benchmarks" / "gpu-wheels.txt").read_text().splitlines():
+        if line and not line.startswith("#") and line != missing:
+            name, version = line.split("==")
+            (wheels / f"{name.lower().replace('-', '_')}-{version}-py3-none-any.whl").touch()
+    env = {**os.environ, "DEVICE": "cpu", "INSTALL": "1", "WHEELS": str(wheels), "SITE": str(tmp_path / "site")}
+    result = subprocess.run(["bash", REPO / "benchmarks" / "gpu.sh"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and missing in result.stderr
+    assert not (tmp_path / "site").exists()
