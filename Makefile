@@ -35,7 +35,7 @@ HOST_PINS := torch==2.13.0 triton==3.6.0 safetensors==0.8.0 tokenizers==0.23.2 t
         "numpy<2.4" pyarrow click pyyaml tqdm psutil ninja msgpack py-cpuinfo packaging einops \
         typing-extensions tensorboard matplotlib pytest setuptools
 
-.PHONY: setup demo lint test test-fast demo-test gpu-check gpu-wheels gpu-host-sim clean
+.PHONY: setup demo lint test test-soak test-fast demo-test gpu-check gpu-wheels gpu-host-sim clean
 
 setup: $(STAMP)
 
@@ -69,11 +69,16 @@ lint: setup
 # (about 15 minutes from a fresh clone on 2 cores, installs included).
 test: lint
 	$(MAKE) --no-print-directory gpu-check DEVICE=cpu SECTIONS=$(SMOKE_SECTIONS)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not soak" tests
+
+# The end-to-end Ray runs and the fault matrix (about 5 minutes: each starts Ray or several
+# processes): CI runs them after make test.
+test-soak: setup
+	$(PY) -m pytest -q -m soak tests
 
 # The inner loop: everything but the multi-process, Ray and minutes-long tests (under 2 minutes).
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not demo" tests
+	$(PY) -m pytest -q -m "not slow and not demo and not soak" tests
 
 # The demo's promise alone: the demo config recalls >= 90% of its facts (about 6 minutes).
 demo-test: setup

@@ -28,6 +28,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (still run by make test)")
     config.addinivalue_line("markers", "demo: the demo's minutes-long recall promise (make test; not make test-fast)")
     config.addinivalue_line("markers", "gpu: run by make gpu-check on its device (MEMRAY_GPU_CHECK_DEVICE)")
+    config.addinivalue_line("markers", "soak: end-to-end Ray and fault-injection runs: make test-soak (CI's next step)")
     config.addinivalue_line("markers", "threads: keeps torch's threads while the demo trains in the background")
 
 

@@ -13,7 +13,8 @@ from helpers import assert_one_line_error, memray, memray_here, read_metrics, se
 
 from memray.checkpoint import committed_checkpoints
 
-pytestmark = pytest.mark.slow
+# minutes of Ray (or process) start-up each: run by `make test-soak`, CI's step after `make test`
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 FAULTS = pathlib.Path(__file__).resolve().parent / "faults"
 

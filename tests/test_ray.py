@@ -23,7 +23,8 @@ from helpers import assert_one_line_error, memray, read_metrics, sets
 from memray.checkpoint import committed_checkpoints
 from memray.train import load_run_config
 
-pytestmark = pytest.mark.slow
+# minutes of Ray (or process) start-up each: run by `make test-soak`, CI's step after `make test`
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 
 def _free_port() -> int:
