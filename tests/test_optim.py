@@ -592,3 +592,24 @@ def test_value_update_in_backward_config_errors(overrides, message):
     config.distributed.workers = 2
     with pytest.raises(ConfigError, match="one process"):
         config.check_world()
+
+
+@pytest.mark.parametrize("name", VALUE_OPTIMIZERS)
+def test_each_value_optimizer_names_the_state_it_keeps_per_row(name):
+    """Checkpoints save and reshard a value optimizer's per-row state with the rows
+    (``row_state_keys``, from the optimizer, not guessed from shapes): after a step, exactly the
+    entries with a row per table row are named, every other entry is a scalar."""
+    from memray.optim import row_state_keys
+
+    config = OptimConfig(value_optimizer=name)
+    table = ValueTable(10, 10, sparse_grad=config.sparse_values)
+    optimizer = build_value_optimizer(config, [table])
+    table(torch.tensor([[1, 3], [3, 7]]), torch.rand(2, 2)).sum().backward()
+    optimizer.step()
+    state = optimizer.state[table.weight]
+    assert state or name == "sgd"
+    keys = row_state_keys(optimizer)
+    for key, value in state.items():
+        per_row = torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == table.num_rows
+        assert (key in keys) == per_row, key
+        assert per_row or not torch.is_tensor(value) or value.numel() == 1, key  # a step count
