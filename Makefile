@@ -71,7 +71,7 @@ test: lint
 	$(MAKE) --no-print-directory gpu-check DEVICE=cpu SECTIONS=$(SMOKE_SECTIONS)
 	$(PY) -m pytest -q -m "not soak" tests
 
-# The end-to-end Ray runs and the fault matrix (about 5 minutes: each starts Ray or several
+# The end-to-end Ray runs and the fault matrix (about 4 minutes: each starts Ray or several
 # processes): CI runs them after make test.
 test-soak: setup
 	$(PY) -m pytest -q -m soak tests
