@@ -113,6 +113,7 @@ gpu-host-sim: setup
 	$(PYTHON) -m venv $(HOST_SIM)
 	$(HOST_SIM)/bin/python -m pip install --disable-pip-version-check -q $(HOST_PINS) 2>&1 | \
 		{ grep -v "^WARNING: Location" || true; }
+	$(PY) benchmarks/host_packages.py $(HOST_SIM)/bin/python
 	$(MAKE) --no-print-directory gpu-wheels WHEELS=.whl-host WHEEL_PYTHON=$$($(HOST_SIM)/bin/python -c \
 		'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 	DEVICE=cpu QUICK=1 INSTALL=1 WHEELS=.whl-host SITE=$(CURDIR)/$(HOST_SIM)/memray-site \
