@@ -82,13 +82,12 @@ def write_dense(tmp: Path, dense: DenseState, config_yaml: str, write: bool) -> 
                 error = exc
     if not write or error is not None:
         for writer in writers.values():
-            writer.handle.close()
+            writer.abort()
         return {}, error
     try:
-        for writer in writers.values():
-            writer.close()
+        files = {DENSE_FILES[part]: writer.close() for part, writer in writers.items()}
         (tmp / CONFIG).write_text(config_yaml)
-        return {name: _sha256(tmp / name) for name in (*(DENSE_FILES[part] for part in writers), CONFIG)}, None
+        return {**files, CONFIG: _sha256(tmp / CONFIG)}, None
     except Exception as exc:  # noqa: BLE001 - as above
         return {}, exc
 

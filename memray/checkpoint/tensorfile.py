@@ -10,6 +10,7 @@ reads one (memory-mapped by safetensors) and returns a tensor only when it is as
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -51,8 +52,13 @@ class TensorFileWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         self.handle = open(path, "wb")
-        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+        self._digest = hashlib.sha256()  # of the bytes as they are written: the file is never read back
+        self._write(struct.pack("<Q", len(raw)) + raw)
         self.written = 0
+
+    def _write(self, data: bytes) -> None:
+        self.handle.write(data)
+        self._digest.update(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self.written >= len(self.order) or name != self.order[self.written]:
@@ -62,13 +68,19 @@ class TensorFileWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"tensor file: '{name}' is {tensor.dtype} {list(tensor.shape)}, not {dtype} {list(shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self.handle.write(data.numpy().tobytes() if data.numel() else b"")
+        self._write(data.numpy().tobytes() if data.numel() else b"")
         self.written += 1
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """Close the file once every tensor is written; its SHA-256 (hex)."""
         self.handle.close()
         if self.written != len(self.order):
             raise ValueError(f"tensor file: {len(self.order) - self.written} of {len(self.order)} tensors not written")
+        return self._digest.hexdigest()
+
+    def abort(self) -> None:
+        """Close the file, incomplete (the save it belongs to is not committed)."""
+        self.handle.close()
 
 
 class TensorFile(Mapping):

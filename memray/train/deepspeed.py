@@ -177,12 +177,17 @@ class DeepSpeedDense(DenseTraining):
         steps = [int(state["step"]) for state in self._base_state().values() if "step" in state]
         return max(steps) if steps else None
 
+    def _stage0_master(self, p) -> torch.Tensor:
+        """At stage 0, the tensor the client AdamW steps for parameter ``p``: the bf16 wrapper's
+        fp32 copy, or ``p`` itself in fp32."""
+        return self._masters.get(id(p), p)
+
     def _master(self, p) -> torch.Tensor:
         """Parameter ``p``'s fp32 master, whole (collective under ZeRO)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         if self.stage == 0:
-            return self._masters.get(id(p), p).detach()
+            return self._stage0_master(p).detach()
         return safe_get_full_fp32_param(p)
 
     def _moment(self, p, key: str) -> torch.Tensor | None:
@@ -190,7 +195,7 @@ class DeepSpeedDense(DenseTraining):
         from deepspeed.utils import safe_get_full_optimizer_state
 
         if self.stage == 0:
-            return self._base_state().get(self._masters.get(id(p), p), {}).get(key)
+            return self._base_state().get(self._stage0_master(p), {}).get(key)
         return safe_get_full_optimizer_state(p, key)
 
     def checkpoint_state(self) -> DenseState:
@@ -284,7 +289,7 @@ def restore(dense: DeepSpeedDense, weights, moments, steps: int) -> None:
     if stage == 0:
         base = dense._base_state()
         for name, p in dense.named:
-            master = dense._masters.get(id(p), p)
+            master = dense._stage0_master(p)
             master.copy_(weights[name])
             if master is not p:
                 p.copy_(master)
